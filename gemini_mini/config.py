@@ -1,0 +1,228 @@
+"""Configuration: frozen dataclasses loaded from YAML plus ``section.field=value`` overrides.
+
+``load('configs/nano.yaml', ['model.num_layers=2', 'train.steps=10'])`` returns a ``Config``
+with ``.model``, ``.data``, ``.train`` and ``.mesh``. Every field is type-checked and every
+invalid value or combination raises ``ConfigError`` naming the key and the fix. The field
+names are the canonical names used in code, logs and docs.
+"""
+
+import dataclasses
+import difflib
+import pathlib
+import typing
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message names the offending key and how to fix it."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f'{key}: {message}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder's shape. ``num_experts: 0`` gives a dense model (every FFN a gated MLP)."""
+
+  vocab_size: int = 8192
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 1          # 1 = multi-query; num_heads = multi-head; between = GQA
+  head_dim: int = 64
+  d_ff: int = 512                # hidden width of each expert and of dense FFNs
+  num_experts: int = 8
+  experts_per_token: int = 2     # k of top-k routing
+  moe_every: int = 1             # layer i is MoE when (i + 1) % moe_every == 0
+  capacity_factor: float = 1.25  # capacity dispatch: slots per expert = cf * T * k / E
+  moe_dispatch: Literal['capacity', 'dropless'] = 'capacity'
+  shared_expert: bool = False
+  max_length: int = 4096         # longest sequence (training, prompts + generation)
+  attention_kernel: Literal['dense', 'chunked'] = 'dense'
+  attention_chunk: int = 512     # block size of the chunked kernel
+  attention_window: int = 0      # local attention window in positions; 0 = global
+  rope_max_wavelength: float = 10_000.0
+  patch_dim: int = 192           # flattened image patch (8 x 8 x 3)
+  audio_dim: int = 320           # stacked log-mel frames (4 x 80)
+  dtype: Literal['float32', 'bfloat16'] = 'float32'  # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                 'd_ff', 'max_length', 'attention_chunk', 'patch_dim', 'audio_dim'):
+      _require(getattr(self, name) > 0, f'model.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(self.num_heads % self.num_kv_heads == 0, 'model.num_kv_heads',
+             f'{self.num_kv_heads} does not divide model.num_heads ({self.num_heads}); use a '
+             f'divisor of {self.num_heads} (1 = multi-query, {self.num_heads} = multi-head)')
+    _require(self.head_dim % 2 == 0, 'model.head_dim',
+             f'{self.head_dim} is odd; RoPE rotates pairs of dimensions, use an even head_dim')
+    _require(self.num_experts >= 0, 'model.num_experts',
+             f'must be >= 0 (0 = dense model), got {self.num_experts}')
+    if self.num_experts:
+      _require(1 <= self.experts_per_token <= self.num_experts, 'model.experts_per_token',
+               f'top-k of {self.experts_per_token} is impossible with model.num_experts = '
+               f'{self.num_experts}; use 1 <= experts_per_token <= num_experts')
+      _require(1 <= self.moe_every <= self.num_layers, 'model.moe_every',
+               f'{self.moe_every} must be in [1, model.num_layers ({self.num_layers})], '
+               'or set model.num_experts: 0 for a dense model')
+      _require(self.capacity_factor > 0, 'model.capacity_factor',
+               f'must be positive, got {self.capacity_factor}')
+    _require(self.attention_window >= 0, 'model.attention_window',
+             f'must be >= 0 (0 = global attention), got {self.attention_window}')
+    _require(self.rope_max_wavelength > 0, 'model.rope_max_wavelength',
+             f'must be positive, got {self.rope_max_wavelength}')
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Static per-row item counts of the batch contract (``Batch.patches`` / ``Batch.audio``)."""
+
+  num_patches: int = 64        # P: image patches per row
+  num_audio_frames: int = 64   # A: audio frames per row
+
+  def __post_init__(self):
+    for name in ('num_patches', 'num_audio_frames'):
+      _require(getattr(self, name) > 0, f'data.{name}', f'must be positive, got {getattr(self, name)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 2000
+  batch_size: int = 8
+  seq_len: int = 512
+  learning_rate: float = 3e-3
+  seed: int = 0
+  run_dir: str = 'runs/nano'
+  checkpoint_every: int = 200
+
+  def __post_init__(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'checkpoint_every'):
+      _require(getattr(self, name) > 0, f'train.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(self.learning_rate > 0, 'train.learning_rate',
+             f'must be positive, got {self.learning_rate}')
+    _require(bool(self.run_dir), 'train.run_dir', 'must name a directory')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; at most one may be -1, meaning all remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for name, size in sizes.items():
+      _require(size == -1 or size >= 1, f'mesh.{name}', f'must be >= 1 or -1 (the rest), got {size}')
+    _require(list(sizes.values()).count(-1) <= 1, 'mesh',
+             f'only one axis may be -1, got {sizes}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def __post_init__(self):
+    _require(self.train.seq_len <= self.model.max_length, 'train.seq_len',
+             f'{self.train.seq_len} exceeds model.max_length ({self.model.max_length}); '
+             'shorten train.seq_len or raise model.max_length')
+    _require(self.data.num_patches <= self.train.seq_len, 'data.num_patches',
+             f'{self.data.num_patches} patches cannot fit in train.seq_len ({self.train.seq_len})')
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value, annotation):
+  """``value`` as the field's type, or a ConfigError naming ``key``."""
+  if typing.get_origin(annotation) is Literal:
+    choices = typing.get_args(annotation)
+    _require(value in choices, key, f'{value!r} is not one of {list(choices)}')
+    return value
+  if annotation is float and isinstance(value, str):
+    try:  # YAML 1.1 reads '3e-4' as a string
+      value = float(value)
+    except ValueError:
+      pass
+  if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+  _require(ok, key, f'expected {annotation.__name__}, got {type(value).__name__} {value!r}')
+  return value
+
+
+def _suggest(name: str, options) -> str:
+  close = difflib.get_close_matches(name, list(options), n=1)
+  return f'; did you mean {close[0]!r}?' if close else f'; valid keys: {sorted(options)}'
+
+
+def from_dict(raw: dict, source: str = 'config') -> Config:
+  """Builds a ``Config`` from ``{section: {field: value}}``, rejecting unknown keys."""
+  if not isinstance(raw, dict):
+    raise ConfigError(f'{source}: expected a mapping of sections, got {type(raw).__name__}')
+  sections = {}
+  for section, values in raw.items():
+    if section not in _SECTIONS:
+      raise ConfigError(f'{section}: unknown section in {source}{_suggest(section, _SECTIONS)}')
+    cls = _SECTIONS[section]
+    values = values or {}
+    if not isinstance(values, dict):
+      raise ConfigError(f'{section}: expected a mapping of fields in {source}')
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+      key = f'{section}.{name}'
+      if name not in hints:
+        raise ConfigError(f'{key}: unknown key in {source}{_suggest(name, hints)}')
+      kwargs[name] = _coerce(key, value, hints[name])
+    sections[section] = cls(**kwargs)
+  return Config(**sections)
+
+
+def parse_override(override: str) -> tuple[str, str, object]:
+  """``'model.d_model=512'`` -> ``('model', 'd_model', 512)`` (the value parsed as YAML)."""
+  key, sep, text = override.partition('=')
+  section, dot, name = key.strip().partition('.')
+  if not sep or not dot or not name:
+    raise ConfigError(f'{override!r}: an override must look like section.field=value, '
+                      'e.g. train.steps=100')
+  return section, name, yaml.safe_load(text) if text.strip() else text
+
+
+def load(path: str | pathlib.Path | None = None, overrides=()) -> Config:
+  """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
+  raw: dict = {}
+  source = 'defaults'
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f'{path}: config file not found; pass an existing file such as '
+                        'configs/nano.yaml')
+    try:
+      raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+      raise ConfigError(f'{path}: not valid YAML ({error})') from error
+    if not isinstance(raw, dict):
+      raise ConfigError(f'{path}: expected a mapping of sections, got {type(raw).__name__}')
+    source = str(path)
+  for override in overrides:
+    section, name, value = parse_override(override)
+    fields = raw.get(section) or {}
+    if not isinstance(fields, dict):
+      raise ConfigError(f'{section}: expected a mapping of fields in {source}')
+    raw[section] = {**fields, name: value}
+  return from_dict(raw, source)

@@ -1,0 +1,30 @@
+"""The layer library: pure Flax NNX modules that take plain dimensions.
+
+Dimension key, used as shape suffixes (``x_BTD``) and as einsum letters
+(``'BTKGH,BSKH->BKGTS'``) everywhere in the package:
+
+  B  batch                         T  query length        S  key/value length
+  D  model width (d_model)         N  query heads         K  key/value heads (1 = MQA)
+  G  query heads per kv head (N = K*G)                    H  head dim
+  F  feed-forward hidden (d_ff)    E  experts             R  routed slots per token (top-k)
+  C  expert capacity (slots)       M  rows of a sorted/grouped token buffer
+  V  vocabulary                    P  image patches       A  audio frames
+  I  input feature width (patch or audio frame)
+
+Every parameter carries logical axis names (``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``expert``, ``vocab``, ``features``); ``gemini_mini.parallel``
+maps them onto mesh axes. Layers never see a config object or a mesh.
+"""
+
+from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.norm import RMSNorm
+from gemini_mini.layers.rope import apply_rope
+from gemini_mini.layers.attention import Attention, KVCache
+from gemini_mini.layers.mlp import GatedMLP
+from gemini_mini.layers.moe import MoE
+from gemini_mini.layers.embed import FeatureEmbed, TokenEmbed
+
+__all__ = [
+    'Attention', 'FeatureEmbed', 'GatedMLP', 'KVCache', 'MoE', 'RMSNorm', 'TokenEmbed',
+    'apply_rope', 'fan_in_init', 'param',
+]

@@ -1,0 +1,135 @@
+"""Multi-query attention (Shazeer 2019) with RoPE, segment masking and a KV cache.
+
+``num_kv_heads`` picks the family: 1 is multi-query (MQA, the default, as in the Gemini
+reports), ``num_heads`` is multi-head, anything between is grouped-query (GQA). Query heads
+are grouped ``N = K * G``: the ``G`` query heads of a group share one key/value head.
+
+Who may attend to whom is decided by data, never by array index: a query sees a key when both
+belong to the same segment (packed document) and the key's position is not after the query's
+(and, with a local window ``W``, less than ``W`` positions before it). The batch contract
+(``gemini_mini.batch``) guarantees that positions count up by one inside each segment, so this
+is exactly causal attention within each document.
+
+The score computation itself lives in ``attention_kernels.py`` (dense and chunked).
+"""
+
+import dataclasses
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemini_mini.layers.attention_kernels import (
+    KERNELS, attention_mask, chunked_attention, dense_attention)
+from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.rope import apply_rope
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of the tokens seen so far, for one attention layer.
+
+  Slots ``[0, end)`` are written; empty slots carry segment id 0, which no real query
+  (segment >= 1) attends to. The cache holds ``K`` heads, not ``N``: with multi-query
+  attention it is ``num_heads`` times smaller than a multi-head cache (``nbytes`` shows it).
+  The caller keeps ``end + new tokens <= max_length`` (XLA would clamp the write).
+  """
+
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+  segment_ids_BS: jax.Array
+  positions_BS: jax.Array
+  end: jax.Array  # int32 scalar: the next slot to write
+
+  @classmethod
+  def create(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> 'KVCache':
+    kv_shape = (batch_size, max_length, num_kv_heads, head_dim)
+    return cls(
+        k_BSKH=jnp.zeros(kv_shape, dtype), v_BSKH=jnp.zeros(kv_shape, dtype),
+        segment_ids_BS=jnp.zeros((batch_size, max_length), jnp.int32),
+        positions_BS=jnp.zeros((batch_size, max_length), jnp.int32),
+        end=jnp.zeros((), jnp.int32))
+
+  @property
+  def nbytes(self) -> int:
+    return self.k_BSKH.nbytes + self.v_BSKH.nbytes
+
+  def append(self, k_BTKH, v_BTKH, segment_ids_BT, positions_BT) -> 'KVCache':
+    """Writes ``T`` new tokens at slot ``end`` and advances it."""
+    def write(buffer, new):
+      start = (0, self.end) + (0,) * (buffer.ndim - 2)
+      return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+    return KVCache(
+        k_BSKH=write(self.k_BSKH, k_BTKH), v_BSKH=write(self.v_BSKH, v_BTKH),
+        segment_ids_BS=write(self.segment_ids_BS, segment_ids_BT),
+        positions_BS=write(self.positions_BS, positions_BT),
+        end=self.end + k_BTKH.shape[1])
+
+
+class Attention(nnx.Module):
+  """Self-attention with ``num_kv_heads`` shared key/value heads.
+
+  ``__call__(x_BTD, segment_ids_BT, positions_BT, cache=None) -> (y_BTD, cache)``. Without a
+  cache it attends within ``x`` using ``kernel`` ('dense' or 'chunked'); with one it appends
+  the new keys/values and attends over the whole cache (prefill and decoding), returning the
+  updated cache.
+  """
+
+  def __init__(
+      self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+      rope_max_wavelength: float = 10_000.0, window: int = 0, kernel: str = 'dense',
+      chunk_size: int = 512, dtype=jnp.float32, rngs: nnx.Rngs,
+  ):
+    if num_heads % num_kv_heads:
+      raise ValueError(f'num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})')
+    if head_dim % 2:
+      raise ValueError(f'head_dim ({head_dim}) must be even for RoPE')
+    if kernel not in KERNELS:
+      raise ValueError(f'unknown attention kernel {kernel!r}; choose one of {KERNELS}')
+    self.num_kv_heads = num_kv_heads
+    self.rope_max_wavelength = rope_max_wavelength
+    self.window = window
+    self.kernel = kernel
+    self.chunk_size = chunk_size
+    self.dtype = dtype
+    self.q_DNH = param(rngs, fan_in_init(d_model), (d_model, num_heads, head_dim),
+                       ('embed', 'heads', 'head_dim'))
+    self.k_DKH = param(rngs, fan_in_init(d_model), (d_model, num_kv_heads, head_dim),
+                       ('embed', 'kv_heads', 'head_dim'))
+    self.v_DKH = param(rngs, fan_in_init(d_model), (d_model, num_kv_heads, head_dim),
+                       ('embed', 'kv_heads', 'head_dim'))
+    self.o_NHD = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, d_model),
+                       ('heads', 'head_dim', 'embed'))
+
+  def __call__(
+      self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
+      cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    x_BTD = x_BTD.astype(self.dtype)
+    weight = lambda p: p[...].astype(self.dtype)
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, weight(self.q_DNH))
+    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, weight(self.k_DKH))
+    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, weight(self.v_DKH))
+    q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_max_wavelength)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_max_wavelength)
+    q_BTNH = q_BTNH * q_BTNH.shape[-1] ** -0.5
+    q_BTKGH = einops.rearrange(q_BTNH, 'B T (K G) H -> B T K G H', K=self.num_kv_heads)
+
+    if cache is not None:
+      cache = cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+      mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
+                                cache.positions_BS, self.window)
+      o_BTKGH = dense_attention(q_BTKGH, cache.k_BSKH.astype(self.dtype),
+                                cache.v_BSKH.astype(self.dtype), mask_BTS)
+    elif self.kernel == 'chunked':
+      o_BTKGH = chunked_attention(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                                  window=self.window, chunk_size=self.chunk_size)
+    else:
+      mask_BTS = attention_mask(segment_ids_BT, segment_ids_BT, positions_BT, positions_BT,
+                                self.window)
+      o_BTKGH = dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTS)
+
+    o_BTNH = einops.rearrange(o_BTKGH, 'B T K G H -> B T (K G) H')
+    return jnp.einsum('BTNH,NHD->BTD', o_BTNH, weight(self.o_NHD)), cache

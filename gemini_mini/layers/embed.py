@@ -1,0 +1,55 @@
+"""Embedders: text tokens (with the output head) and continuous features (image patches,
+audio frames) mapped into the model width."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemini_mini.layers.mlp import GatedMLP
+from gemini_mini.layers.norm import RMSNorm
+from gemini_mini.layers.param import fan_in_init, param
+
+
+class TokenEmbed(nnx.Module):
+  """Token ids to vectors (``embed``) and vectors to vocabulary logits (``logits``).
+
+  Input and output matrices are separate (untied): at this scale tying costs quality and
+  saves little. Logits are float32 for a stable softmax.
+  """
+
+  def __init__(self, vocab_size: int, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding_VD = param(rngs, nnx.initializers.normal(1.0), (vocab_size, d_model),
+                              ('vocab', 'embed'))
+    self.unembedding_DV = param(rngs, fan_in_init(d_model), (d_model, vocab_size),
+                                ('embed', 'vocab'))
+
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    """``tokens_BT`` int -> ``x_BTD`` in ``dtype``."""
+    return jnp.take(self.embedding_VD[...], tokens_BT, axis=0).astype(self.dtype)
+
+  def logits(self, x_BTD: jax.Array) -> jax.Array:
+    """``x_BTD`` -> ``logits_BTV`` float32."""
+    return jnp.einsum('BTD,DV->BTV', x_BTD.astype(self.dtype),
+                      self.unembedding_DV[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class FeatureEmbed(nnx.Module):
+  """A small encoder for one continuous modality: ``x_BXI -> y_BXD``.
+
+  A linear projection from the feature width ``I`` (a flattened image patch, a stack of
+  log-mel frames), then a residual gated MLP and an RMSNorm so the result has the scale of a
+  token embedding. ``X`` is any item axis (``P`` patches, ``A`` audio frames).
+  """
+
+  def __init__(self, in_dim: int, d_model: int, d_ff: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.proj_ID = param(rngs, fan_in_init(in_dim), (in_dim, d_model), ('features', 'embed'))
+    self.mlp = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs)
+    self.norm = RMSNorm(d_model, rngs=rngs)
+
+  def __call__(self, x_BXI: jax.Array) -> jax.Array:
+    h_BXD = jnp.einsum('BXI,ID->BXD', x_BXI.astype(self.dtype), self.proj_ID[...].astype(self.dtype))
+    return self.norm(h_BXD + self.mlp(h_BXD))

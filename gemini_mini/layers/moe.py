@@ -1,0 +1,186 @@
+"""Mixture-of-experts feed-forward layer: top-k routing, dispatch, expert compute, combine.
+
+``MoE(x_BTD, valid_BT) -> (y_BTD, aux)``. Each token goes to its ``k`` most probable experts
+(``routing.py``); its output is the weighted sum of their gated MLPs, plus an optional shared
+expert every token uses. Two dispatch implementations behind the one interface:
+
+* ``capacity``: each expert takes at most ``C = ceil(capacity_factor * T * k / E)`` slots per
+  sequence, filled first by every token's first choice, then by second choices (GShard
+  priority), in token order; overflow slots are dropped (their weight contributes nothing)
+  and counted in ``aux['dropped']``. Expert compute is one batched einsum over ``[E, C]``.
+* ``dropless``: every routed slot is computed. Slots are placed in expert order (a counting
+  sort), each expert's block padded to the grouped matmul's tile, and multiplied with
+  ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a tiled loop on CPU).
+
+Both dispatches reduce to the same two index maps between token slots and buffer rows,
+``row_of_slot`` and ``slot_of_row``; ``take_rows`` moves data along them with gathers in
+both the forward and the backward pass (XLA's scatter-add is slow on CPU).
+
+``aux`` holds float32 scalars ``load_balance``, ``router_z`` and ``dropped`` (the fraction of
+valid routed slots dropped), ``expert_load_E`` (fraction of routed slots per expert, dropped
+ones included) and ``routed_BTE`` (how many of each token's slots went to each expert) for
+per-group statistics by the caller.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemini_mini.layers import grouped_matmul as gmm
+from gemini_mini.layers.mlp import GatedMLP, gated_activation
+from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.routing import (
+    Router, expert_load, load_balance_loss, masked_mean, router_z_loss, top_k_routing)
+
+DISPATCHES = ('capacity', 'dropless')
+
+
+@jax.custom_vjp
+def take_rows(x_XD: jax.Array, index_Y: jax.Array, inverse_XR: jax.Array) -> jax.Array:
+  """``y[j] = x[index[j]]``; an index equal to ``X`` reads a zero row.
+
+  ``inverse_XR`` lists, for each row i of ``x``, the (at most R) positions j with
+  ``index[j] == i``, padded with ``Y``. The backward pass gathers along it and sums.
+  """
+  return _gather_or_zero(x_XD, index_Y)
+
+
+def _gather_or_zero(x_XD, index):
+  x_padded = jnp.concatenate([x_XD, jnp.zeros((1, x_XD.shape[1]), x_XD.dtype)])
+  return x_padded[index]
+
+
+def _take_rows_fwd(x_XD, index_Y, inverse_XR):
+  return _gather_or_zero(x_XD, index_Y), inverse_XR
+
+
+def _take_rows_bwd(inverse_XR, dy_YD):
+  return _gather_or_zero(dy_YD, inverse_XR).sum(1), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def position_in_expert(experts_XR: jax.Array, valid_X: jax.Array, num_experts: int):
+  """Rank of each routed slot among the slots of its expert, and each expert's slot count.
+
+  Slots are ranked in priority order: all first choices in token order, then all second
+  choices, ... Invalid tokens take no rank and are not counted. Returns ``rank_XR`` (int32)
+  and ``count_E``.
+  """
+  onehot_RXE = jax.nn.one_hot(experts_XR.T, num_experts, dtype=jnp.int32) * valid_X[None, :, None]
+  flat_onehot = onehot_RXE.reshape(-1, num_experts)
+  rank_RXE = (jnp.cumsum(flat_onehot, axis=0) - 1).reshape(onehot_RXE.shape)
+  rank_XR = jnp.sum(rank_RXE * onehot_RXE, axis=-1).T
+  return rank_XR, flat_onehot.sum(0)
+
+
+def _index_maps(row_of_slot_XR: jax.Array, num_rows: int):
+  """The inverse map ``slot_of_row_M`` (sentinel X*R) of ``row_of_slot_XR`` (sentinel M)."""
+  num_slots = row_of_slot_XR.size
+  return jnp.full((num_rows,), num_slots, jnp.int32).at[row_of_slot_XR.ravel()].set(
+      jnp.arange(num_slots, dtype=jnp.int32), mode='drop')
+
+
+class MoE(nnx.Module):
+  """Top-k routed gated-MLP experts, optionally with a shared expert."""
+
+  def __init__(
+      self, d_model: int, d_ff: int, num_experts: int, experts_per_token: int, *,
+      dispatch: str = 'capacity', capacity_factor: float = 1.25, shared_expert: bool = False,
+      dtype=jnp.float32, rngs: nnx.Rngs,
+  ):
+    if dispatch not in DISPATCHES:
+      raise ValueError(f'unknown MoE dispatch {dispatch!r}; choose one of {DISPATCHES}')
+    if not 1 <= experts_per_token <= num_experts:
+      raise ValueError(f'experts_per_token ({experts_per_token}) must be in [1, num_experts '
+                       f'({num_experts})]')
+    self.num_experts = num_experts
+    self.experts_per_token = experts_per_token
+    self.dispatch = dispatch
+    self.capacity_factor = capacity_factor
+    self.dtype = dtype
+    self.router = Router(d_model, num_experts, rngs=rngs)
+    shape_EDF, shape_EFD = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
+    self.gate_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'))
+    self.up_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'))
+    self.down_EFD = param(rngs, fan_in_init(d_ff), shape_EFD, ('expert', 'mlp', 'embed'))
+    self.shared = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs) if shared_expert else None
+
+  def capacity(self, length: int) -> int:
+    """Slots per expert per sequence of ``length`` tokens under capacity dispatch."""
+    return -(-int(self.capacity_factor * length * self.experts_per_token) // self.num_experts)
+
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+    batch, length, d_model = x_BTD.shape
+    if valid_BT is None:
+      valid_BT = jnp.ones((batch, length), bool)
+    logits_BTE = self.router(x_BTD)
+    experts_BTR, weights_BTR = top_k_routing(logits_BTE, self.experts_per_token)
+    weights_BTR = weights_BTR * valid_BT[..., None]
+    x_BTD = x_BTD.astype(self.dtype)
+
+    if self.dispatch == 'capacity':
+      y_BTD, kept_BTR = jax.vmap(self._capacity_dispatch)(x_BTD, experts_BTR, weights_BTR,
+                                                          valid_BT)
+    else:
+      flat = lambda a: a.reshape(batch * length, *a.shape[2:])
+      y_XD = self._dropless_dispatch(flat(x_BTD), flat(experts_BTR), flat(weights_BTR),
+                                     flat(valid_BT))
+      y_BTD, kept_BTR = y_XD.reshape(x_BTD.shape), jnp.ones(experts_BTR.shape, bool)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+
+    valid_f = valid_BT.astype(jnp.float32)
+    dropped_BT = jnp.sum(~kept_BTR, axis=-1) / self.experts_per_token
+    aux = {
+        'load_balance': load_balance_loss(logits_BTE, experts_BTR, valid_f),
+        'router_z': router_z_loss(logits_BTE, valid_f),
+        'dropped': masked_mean(dropped_BT, valid_f),
+        'expert_load_E': expert_load(experts_BTR, valid_f, self.num_experts),
+        'routed_BTE': jax.nn.one_hot(experts_BTR, self.num_experts).sum(-2) * valid_f[..., None],
+    }
+    return y_BTD, aux
+
+  def _expert_weights(self):
+    return tuple(p[...].astype(self.dtype) for p in (self.gate_EDF, self.up_EDF, self.down_EFD))
+
+  def _capacity_dispatch(self, x_TD, experts_TR, weights_TR, valid_T):
+    """One sequence: ``y_TD`` and which routed slots were kept (``kept_TR``)."""
+    capacity, num_experts = self.capacity(x_TD.shape[0]), self.num_experts
+    rank_TR, _ = position_in_expert(experts_TR, valid_T, num_experts)
+    kept_TR = valid_T[:, None] & (rank_TR < capacity)
+    row_of_slot_TR = jnp.where(kept_TR, experts_TR * capacity + rank_TR, num_experts * capacity)
+    slot_of_row = _index_maps(row_of_slot_TR, num_experts * capacity)
+    x_ECD = take_rows(x_TD, slot_of_row // self.experts_per_token, row_of_slot_TR).reshape(
+        num_experts, capacity, -1)
+    gate_EDF, up_EDF, down_EFD = self._expert_weights()
+    hidden_ECF = gated_activation(jnp.einsum('ECD,EDF->ECF', x_ECD, gate_EDF),
+                                  jnp.einsum('ECD,EDF->ECF', x_ECD, up_EDF))
+    y_ECD = jnp.einsum('ECF,EFD->ECD', hidden_ECF, down_EFD)
+    y_rows = y_ECD.reshape(num_experts * capacity, -1)
+    return self._combine(y_rows, row_of_slot_TR, slot_of_row, weights_TR), kept_TR
+
+  def _dropless_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
+    """All tokens of the batch at once (nothing is dropped, so grouping cannot matter)."""
+    implementation = gmm.default_implementation()
+    tile = gmm.TILE_SIZE[implementation]
+    num_experts, num_slots = self.num_experts, experts_XR.size
+    rank_XR, count_E = position_in_expert(experts_XR, valid_X, num_experts)
+    padded_count_E = -(-count_E // tile) * tile
+    padded_start_E = jnp.cumsum(padded_count_E) - padded_count_E
+    num_rows = -(-(num_slots + num_experts * (tile - 1)) // tile) * tile  # static upper bound
+    row_of_slot_XR = jnp.where(valid_X[:, None], padded_start_E[experts_XR] + rank_XR, num_rows)
+    slot_of_row = _index_maps(row_of_slot_XR, num_rows)
+    x_MD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR)
+    gate_EDF, up_EDF, down_EFD = self._expert_weights()
+    matmul = lambda x, w: gmm.grouped_matmul(x, w, padded_count_E, implementation)
+    hidden_MF = gated_activation(matmul(x_MD, gate_EDF), matmul(x_MD, up_EDF))
+    y_MD = matmul(hidden_MF, down_EFD)
+    return self._combine(y_MD, row_of_slot_XR, slot_of_row, weights_XR)
+
+  def _combine(self, y_rows_MD, row_of_slot_XR, slot_of_row_M, weights_XR):
+    """``y_XD``: each token's expert outputs (zero where dropped), weighted and summed."""
+    y_slots = take_rows(y_rows_MD, row_of_slot_XR.ravel(), slot_of_row_M[:, None])
+    y_XRD = y_slots.reshape(*row_of_slot_XR.shape, -1)
+    return jnp.einsum('XRD,XR->XD', y_XRD, weights_XR.astype(y_XRD.dtype))

@@ -1,0 +1,31 @@
+"""Parameter creation with logical axis names (see the dimension key in ``__init__``)."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+) -> nnx.Param:
+  """A float32 parameter annotated with logical axis names, one per dimension.
+
+  Sharding is applied by whoever builds the model under a mesh (``parallel.py``),
+  never eagerly here, so layers can be created with or without a mesh.
+  """
+  if len(axes) != len(shape):
+    raise ValueError(f'param of shape {shape} needs {len(shape)} axis names, got {axes}')
+  init = nnx.with_partitioning(init, axes, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+
+def fan_in_init(fan_in: int) -> Initializer:
+  """Normal with std 1/sqrt(fan_in): unit-variance outputs for unit-variance inputs."""
+  return nnx.initializers.normal(stddev=fan_in**-0.5)
