@@ -76,11 +76,13 @@ def check_batch(batch: Batch, *, vocab_size: int, patch_dim: int, audio_dim: int
   if not np.isin(modality, [m.value for m in Modality]).all():
     fail('modality', f'values must be 0 (text), 1 (image) or 2 (audio), got {np.unique(modality)}',
          'mark each position with its modality')
-  for name, kind in (('patches', Modality.IMAGE), ('audio', Modality.AUDIO)):
+  for name, kind, key in (('patches', Modality.IMAGE, 'data.num_patches'),
+                          ('audio', Modality.AUDIO, 'data.num_audio_frames')):
     used = (modality == kind).sum(axis=1).max()
     if used > fields[name].shape[1]:
-      fail(name, f'a row has {used} {kind.name.lower()} positions but only '
-                 f'{fields[name].shape[1]} items', f'raise the number of {name} items per row')
+      fail('modality', f'a row has {used} {kind.name.lower()} positions but only '
+                       f'{fields[name].shape[1]} items in batch.{name}',
+           f'raise {key} or put fewer {kind.name.lower()} positions in a row')
   segments, positions = fields['segment_ids'], fields['positions']
   if segments.min() < 0:
     fail('segment_ids', 'negative segment id', 'use 0 for padding and 1, 2, ... for documents')

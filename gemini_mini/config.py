@@ -39,9 +39,9 @@ class ModelConfig:
   experts_per_token: int = 2     # k of top-k routing
   moe_every: int = 1             # layer i is MoE when (i + 1) % moe_every == 0
   capacity_factor: float = 1.25  # capacity dispatch: slots per expert = cf * T * k / E
-  moe_dispatch: Literal['capacity', 'dropless'] = 'capacity'
+  moe_dispatch: Literal['capacity', 'dropless'] = 'dropless'
   shared_expert: bool = False
-  max_length: int = 4096         # longest sequence (training, prompts + generation)
+  max_length: int = 8192         # longest sequence (training, prompts + generation)
   attention_kernel: Literal['dense', 'chunked'] = 'dense'
   attention_chunk: int = 512     # block size of the chunked kernel
   attention_window: int = 0      # local attention window in positions; 0 = global

@@ -1,0 +1,35 @@
+"""Random batches that honour the batch contract, for tests of any package layer."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from gemini_mini import Batch, Modality
+
+
+def make_batch(model_config, *, batch_size=2, length=64, num_patches=8, num_audio=8,
+               documents=((64,), (40, 24)), images=(), audio=(), seed=0) -> Batch:
+  """A random batch. ``documents[b]`` lists the lengths of row b's packed documents (the rest
+  is padding); ``images`` / ``audio`` list ``(row, start, count)`` runs of item positions."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, model_config.vocab_size, (batch_size, length), dtype=np.int32)
+  segment_ids = np.zeros((batch_size, length), np.int32)
+  positions = np.zeros((batch_size, length), np.int32)
+  for row, lengths in enumerate(documents):
+    start = 0
+    for segment, doc_length in enumerate(lengths, start=1):
+      segment_ids[row, start:start + doc_length] = segment
+      positions[row, start:start + doc_length] = np.arange(doc_length)
+      start += doc_length
+  modality = np.zeros((batch_size, length), np.int8)
+  for kind, runs in ((Modality.IMAGE, images), (Modality.AUDIO, audio)):
+    for row, start, count in runs:
+      modality[row, start:start + count] = kind
+  return Batch(
+      tokens=jnp.asarray(tokens), modality=jnp.asarray(modality),
+      segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions),
+      targets=jnp.asarray(np.roll(tokens, -1, axis=1)),
+      loss_mask=jnp.asarray((segment_ids != 0).astype(np.float32)),
+      patches=jnp.asarray(rng.normal(size=(batch_size, num_patches, model_config.patch_dim)),
+                          jnp.float32),
+      audio=jnp.asarray(rng.normal(size=(batch_size, num_audio, model_config.audio_dim)),
+                        jnp.float32))

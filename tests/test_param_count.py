@@ -1,0 +1,36 @@
+"""Parameter counts: total and active per token, from shapes only."""
+
+import subprocess
+import sys
+
+from gemini_mini import config as config_lib
+from gemini_mini.param_count import count_params
+
+
+def test_nano_matches_the_peer_shape_plus_encoders():
+  # shared/peers/README.md: the shared shape (= nano without image/audio encoders) has
+  # 17,443,072 parameters, 8,005,888 active per token.
+  m = config_lib.load('configs/nano.yaml').model
+  encoders = (m.patch_dim + m.audio_dim) * m.d_model + 2 * (3 * m.d_model * m.d_ff + m.d_model)
+  assert count_params(m) == {'total': 17_443_072 + encoders, 'active': 8_005_888 + encoders}
+
+
+def test_active_equals_total_for_a_dense_model():
+  counts = count_params(config_lib.load(None, ['model.num_experts=0']).model)
+  assert counts['active'] == counts['total']
+
+
+def test_cli_prints_every_preset():
+  result = subprocess.run([sys.executable, '-m', 'gemini_mini.param_count'],
+                          capture_output=True, text=True, check=True)
+  for preset in ('test', 'nano', 'pro', 'ultra'):
+    assert f'configs/{preset}.yaml' in result.stdout
+
+
+def test_cli_names_a_bad_config(tmp_path):
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('model:\n  num_heads: 4\n  num_kv_heads: 3\n')
+  result = subprocess.run([sys.executable, '-m', 'gemini_mini.param_count', str(bad)],
+                          capture_output=True, text=True)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith('model.num_kv_heads:')
