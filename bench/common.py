@@ -1,0 +1,69 @@
+"""Shared helpers for ``bench/*.py``: timing, a printed table and the ``--json`` output."""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+
+GIB = 2**30
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  parser.add_argument('--json', metavar='FILE', help='also write the figures to this JSON file')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed calls after compiling')
+  parser.add_argument('--repeats', type=int, default=5, help='timed calls')
+  return parser
+
+
+def time_fn(fn, *args, warmup: int = 2, repeats: int = 5) -> dict:
+  """Seconds per call of ``fn(*args)`` (min and median over ``repeats``), after ``warmup``.
+
+  The first warm-up call also compiles a ``jax.jit`` function; every call is waited for with
+  ``jax.block_until_ready``.
+  """
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return {'min_s': min(times), 'median_s': statistics.median(times), 'repeats': repeats}
+
+
+def environment() -> dict:
+  """What the figures were measured on."""
+  return {'jax': jax.__version__, 'backend': jax.default_backend(),
+          'device': jax.devices()[0].device_kind, 'cpus': os.cpu_count(),
+          'time': time.strftime('%Y-%m-%d %H:%M:%S')}
+
+
+def describe(figures: dict) -> str:
+  return ', '.join(f'{key} {value}' for key, value in figures.items())
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+  """Left-aligned first column, right-aligned others; floats as given (pre-format them)."""
+  cells = [[str(c) for c in row] for row in [headers, *rows]]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+  for n, row in enumerate(cells):
+    print('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths))))
+    if n == 0:
+      print('  '.join('-' * w for w in widths))
+
+
+def write_json(path: str | None, figures: dict) -> None:
+  if path:
+    with open(path, 'w') as f:
+      json.dump(figures, f, indent=2)
+    print(f'wrote {path}')
+
+
+def format_bytes(num_bytes: float | None) -> str:
+  if num_bytes is None:
+    return '-'
+  return f'{num_bytes / 2**20:.0f} MiB' if num_bytes < GIB else f'{num_bytes / GIB:.2f} GiB'
