@@ -49,6 +49,7 @@ class ModelConfig:
   patch_dim: int = 192           # flattened image patch (8 x 8 x 3)
   audio_dim: int = 320           # stacked log-mel frames (4 x 80)
   dtype: Literal['float32', 'bfloat16'] = 'float32'  # compute dtype; parameters stay float32
+  remat: bool = False            # recompute each block's activations in the backward pass
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
@@ -83,47 +84,79 @@ class ModelConfig:
 class DataConfig:
   """Static per-row item counts of the batch contract (``Batch.patches`` / ``Batch.audio``)."""
 
+  dir: str = 'data'            # prepared datasets (python -m gemini_mini.data.prepare)
   num_patches: int = 64        # P: image patches per row
   num_audio_frames: int = 64   # A: audio frames per row
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):
       _require(getattr(self, name) > 0, f'data.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(bool(self.dir), 'data.dir', 'must name a directory')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 2000
-  batch_size: int = 8
+  batch_size: int = 8            # global: split over processes, devices and micro-batches
   seq_len: int = 512
-  learning_rate: float = 3e-3
+  learning_rate: float = 3e-3    # peak, after warm-up
+  warmup_steps: int = 100
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0         # global gradient norm
+  grad_accum_steps: int = 1      # micro-batches per step
+  load_balance_weight: float = 0.01
+  router_z_weight: float = 0.001
+  logit_z_weight: float = 0.0
   seed: int = 0
   run_dir: str = 'runs/nano'
   checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  eval_every: int = 200          # held-out loss every N steps; 0 = never
+  eval_batches: int = 4
+  peak_flops_per_device: float = 1.9e11  # for MFU; ~190 GFLOP/s float32 on this 2-core CPU
 
   def __post_init__(self):
-    for name in ('steps', 'batch_size', 'seq_len', 'checkpoint_every'):
+    for name in ('steps', 'batch_size', 'seq_len', 'checkpoint_every', 'grad_accum_steps',
+                 'keep_checkpoints', 'log_every', 'eval_batches'):
       _require(getattr(self, name) > 0, f'train.{name}', f'must be positive, got {getattr(self, name)}')
-    _require(self.learning_rate > 0, 'train.learning_rate',
-             f'must be positive, got {self.learning_rate}')
+    for name in ('warmup_steps', 'weight_decay', 'load_balance_weight', 'router_z_weight',
+                 'logit_z_weight', 'eval_every'):
+      _require(getattr(self, name) >= 0, f'train.{name}', f'must be >= 0, got {getattr(self, name)}')
+    for name in ('learning_rate', 'grad_clip', 'peak_flops_per_device'):
+      _require(getattr(self, name) > 0, f'train.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(self.batch_size % self.grad_accum_steps == 0, 'train.grad_accum_steps',
+             f'{self.grad_accum_steps} does not divide train.batch_size ({self.batch_size})')
     _require(bool(self.run_dir), 'train.run_dir', 'must name a directory')
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh axis sizes; at most one may be -1, meaning all remaining devices."""
+  """Device mesh axis sizes (at most one may be -1: all remaining devices) and, for
+  multi-process runs, how to reach the other processes."""
 
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  num_processes: int = 1         # >1: jax.distributed.initialize with the fields below;
+                                 # -1: let JAX detect the cluster (TPU pods, SLURM, env vars)
+  process_id: int = 0
+  coordinator_address: str = ''  # host:port of process 0
 
   def __post_init__(self):
-    sizes = dataclasses.asdict(self)
+    sizes = {axis: getattr(self, axis) for axis in ('data', 'fsdp', 'expert', 'tensor')}
     for name, size in sizes.items():
       _require(size == -1 or size >= 1, f'mesh.{name}', f'must be >= 1 or -1 (the rest), got {size}')
     _require(list(sizes.values()).count(-1) <= 1, 'mesh',
              f'only one axis may be -1, got {sizes}')
+    _require(self.num_processes == -1 or self.num_processes >= 1, 'mesh.num_processes',
+             f'must be >= 1 or -1 (auto-detect), got {self.num_processes}')
+    if self.num_processes > 1:
+      _require(0 <= self.process_id < self.num_processes, 'mesh.process_id',
+               f'{self.process_id} is not in [0, mesh.num_processes ({self.num_processes}))')
+      _require(bool(self.coordinator_address), 'mesh.coordinator_address',
+               'a multi-process run needs host:port of process 0, e.g. 10.0.0.1:1234')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from gemini_mini.batch import Batch, Modality
 from gemini_mini.config import ModelConfig
 from gemini_mini.layers import (
     Attention, FeatureEmbed, GatedMLP, KVCache, MoE, RMSNorm, TokenEmbed)
+from gemini_mini.parallel import constrain
 
 
 def compute_dtype(config: ModelConfig):
@@ -107,11 +108,14 @@ class Decoder(nnx.Module):
     x_BTD = self.embed(batch)
     moe_auxes, new_cache = [], []
     for i, block in enumerate(self.blocks):
-      x_BTD, moe_aux, layer_cache = block(x_BTD, batch.segment_ids, batch.positions,
-                                          None if cache is None else cache[i])
+      x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
+      run_block = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
+      x_BTD, moe_aux, layer_cache = run_block(block, x_BTD, batch.segment_ids, batch.positions,
+                                              None if cache is None else cache[i])
       new_cache.append(layer_cache)
       if moe_aux is not None:
         moe_auxes.append(moe_aux)
+    x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
     logits_BTV = self.text.logits(self.final_norm(x_BTD))
     return logits_BTV, moe_auxes, tuple(new_cache)
 

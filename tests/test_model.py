@@ -185,3 +185,18 @@ def test_full_size_presets_shape_check_without_allocating(preset):
   assert logits.shape == (b, t, m.vocab_size) and logits.dtype == jnp.float32
   num_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
   assert aux['expert_load_LE'].shape == (num_moe, m.num_experts)
+
+
+def test_remat_gives_the_same_loss_and_gradients(test_config):
+  batch = make_batch(test_config.model, images=[(0, 3, 4)])
+
+  def loss_and_grads(remat):
+    decoder, _ = build(test_config, remat=remat)
+    graphdef, state = nnx.split(decoder)
+    loss = lambda state: jnp.mean(nnx.merge(graphdef, state)(batch)[0] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+  (loss, grads), (loss_remat, grads_remat) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_remat, grads)

@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, the jitted step, Orbax checkpoints, metrics and the loop."""

@@ -1,0 +1,182 @@
+"""The training run: set up (or resume), step, log, evaluate, checkpoint, stop cleanly.
+
+``run(config)`` is what ``train.py`` calls. A run directory holds ``checkpoints/``,
+``tensorboard/`` and ``metrics.jsonl``; started again on the same directory, the run resumes
+from its latest complete checkpoint, data iterator included, and reaches the same parameters
+and losses as an uninterrupted run. SIGINT/SIGTERM (Ctrl-C, preemption) finish the current
+step, save, and exit cleanly; a non-finite loss stops the run without saving, leaving the last
+good checkpoint.
+"""
+
+import math
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from gemini_mini import parallel
+from gemini_mini.config import Config, ConfigError
+from gemini_mini.train import metrics as metrics_lib
+from gemini_mini.train.checkpoint import Checkpointer
+from gemini_mini.train.loss import LossWeights, finalize
+from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
+from gemini_mini.train.step import (
+    abstract_train_state, init_train_state, jit_steps, make_eval_step, make_train_step)
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def initialize_distributed(mesh_config) -> None:
+  """Joins the other processes of a multi-process run (a no-op for one process)."""
+  if mesh_config.num_processes == -1:
+    jax.distributed.initialize()
+  elif mesh_config.num_processes > 1:
+    jax.distributed.initialize(mesh_config.coordinator_address, mesh_config.num_processes,
+                               mesh_config.process_id)
+
+
+class StopRequest:
+  """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
+
+  def __init__(self):
+    self.requested = False
+    self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print(f'\n{signal.Signals(signum).name}: finishing this step, saving, then exiting '
+          '(send it again to abort without saving)', file=sys.stderr)
+
+  def restore(self):
+    for signum, handler in self.previous.items():
+      signal.signal(signum, handler)
+
+
+def make_data(config: Config, split: str, process_index: int, process_count: int):
+  from gemini_mini.data.text import TextBatches  # noqa: deferred: data is optional for imports
+  m, d, t = config.model, config.data, config.train
+  return TextBatches(d.dir, split, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
+                     process_index=process_index, process_count=process_count,
+                     num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
+                     patch_dim=m.patch_dim, audio_dim=m.audio_dim)
+
+
+def check_divisibility(config: Config, mesh) -> None:
+  t = config.train
+  per_step = parallel.batch_divisor(mesh) * t.grad_accum_steps
+  if t.batch_size % per_step:
+    raise ConfigError(
+        f'train.batch_size: {t.batch_size} rows cannot be split over the mesh batch axes '
+        f'(data*fsdp*expert = {parallel.batch_divisor(mesh)}) times train.grad_accum_steps '
+        f'({t.grad_accum_steps}); use a multiple of {per_step}')
+  if t.batch_size % jax.process_count():
+    raise ConfigError(f'train.batch_size: {t.batch_size} is not divisible by the '
+                      f'{jax.process_count()} processes')
+
+
+def run(config: Config) -> dict:
+  """Trains ``config``; returns the last logged metrics."""
+  initialize_distributed(config.mesh)
+  mesh = parallel.make_mesh(config.mesh)
+  check_divisibility(config, mesh)
+  t = config.train
+  run_dir = pathlib.Path(t.run_dir)
+  is_chief = jax.process_index() == 0
+  optimizer = make_optimizer(learning_rate=t.learning_rate, steps=t.steps,
+                             warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                             grad_clip=t.grad_clip)
+  schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps)
+  weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
+  checkpointer = Checkpointer(run_dir / 'checkpoints', keep=t.keep_checkpoints,
+                              config=config.to_dict())
+  train_data = make_data(config, 'train', jax.process_index(), jax.process_count())
+  graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
+  if checkpointer.latest_step() is not None:
+    start, state, data_state = checkpointer.restore(abstract)
+    train_data.set_state(data_state)
+    message = f'resuming from step {start}'
+  else:
+    start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
+    message = 'starting'
+  if is_chief:
+    print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
+          f'metrics.jsonl); mesh {dict(mesh.shape)}', flush=True)
+  train_step, eval_step = jit_steps(make_train_step(graphdef, optimizer, schedule, weights,
+                                                    t.grad_accum_steps),
+                                    make_eval_step(graphdef, weights), shardings, mesh)
+  writer = metrics_lib.MetricsWriter(run_dir) if is_chief else None
+  flops_per_step = metrics_lib.train_flops_per_token(config.model, t.seq_len) * t.batch_size * t.seq_len
+  peak_flops = t.peak_flops_per_device * jax.device_count()
+  stop = StopRequest()
+  progress = tqdm(total=t.steps, initial=start, disable=not is_chief, dynamic_ncols=True)
+  last = {}
+  saved_step = start
+  interval_start, interval_steps = None, 0
+  try:
+    for step in range(start + 1, t.steps + 1):
+      batch = parallel.host_local_to_global(next(train_data), mesh)
+      with jax.set_mesh(mesh):
+        state, step_metrics = train_step(state, batch)
+      loss = float(step_metrics['loss'])  # waits for the step; needed to stop on NaN at once
+      if not math.isfinite(loss):
+        raise NonFiniteLoss(f'step {step}: loss is {loss}; stopping without saving. The last '
+                            f'good checkpoint is step {checkpointer.latest_step()} in {run_dir}. '
+                            'Lower train.learning_rate or raise train.warmup_steps.')
+      # Throughput excludes the first step of a (re)start: it includes compilation.
+      if interval_start is None:
+        interval_start = time.perf_counter()
+      else:
+        interval_steps += 1
+      progress.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        values = metrics_lib.scalars(step_metrics)
+        if interval_steps:
+          seconds_per_step = (time.perf_counter() - interval_start) / interval_steps
+          values['tokens_per_s'] = t.batch_size * t.seq_len / seconds_per_step
+          values['mfu'] = flops_per_step / seconds_per_step / peak_flops
+          interval_start, interval_steps = time.perf_counter(), 0
+        else:
+          values['tokens_per_s'] = values['mfu'] = float('nan')
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+          values.update(evaluate(eval_step, state.params, config, mesh))
+        progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{values["tokens_per_s"]:.0f}')
+        if writer:
+          writer.write(step, values)
+        last = {'step': step, **values}
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        checkpointer.save(step, state, train_data.get_state())
+        saved_step = step
+      if stop.requested:
+        if saved_step != step:
+          checkpointer.save(step, state, train_data.get_state())
+        print(f'stopped at step {step}; saved. Run again with train.run_dir={run_dir} to resume.',
+              file=sys.stderr)
+        break
+  finally:
+    stop.restore()
+    progress.close()
+    checkpointer.close()
+    if writer:
+      writer.close()
+  return last
+
+
+def evaluate(eval_step, params, config: Config, mesh) -> dict:
+  """Held-out loss over ``train.eval_batches`` batches (the same ones every time)."""
+  data = make_data(config, 'eval', jax.process_index(), jax.process_count())
+  total = None
+  for _ in range(config.train.eval_batches):
+    with jax.set_mesh(mesh):
+      sums = eval_step(params, parallel.host_local_to_global(next(data), mesh))
+    total = sums if total is None else jax.tree.map(np.add, total, sums)
+  weights = LossWeights(config.train.load_balance_weight, config.train.router_z_weight,
+                        config.train.logit_z_weight)
+  return {f'eval/{k}': float(v) for k, v in finalize(total, weights).items()}

@@ -1,0 +1,76 @@
+"""Metrics: the analytic FLOP count behind MFU, and the writers (JSON lines, TensorBoard).
+
+MFU = achieved model FLOP/s / (peak FLOP/s per device * devices), with the model FLOPs of a
+trained token counted as in the PaLM paper (appendix B):
+
+    6 * (matmul parameters a token uses) + 12 * layers * heads * head_dim * seq_len
+
+The first term is the forward (2 FLOPs per multiply-add) plus a backward twice as costly, over
+the attention projections, the k routed experts (and shared expert) a token visits, the
+router and the output head; the embedding lookup is not a matmul. The second is the
+attention scores and their weighted sum, counted over the full (not causally halved) context,
+as the dense kernel computes it. Image/audio encoders are left out (a small share of tokens).
+"""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from gemini_mini.config import ModelConfig
+
+
+def matmul_params_per_token(m: ModelConfig) -> int:
+  attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  dense_ffn = 3 * m.d_model * m.d_ff
+  total = m.d_model * m.vocab_size
+  for layer in range(m.num_layers):
+    ffn = dense_ffn
+    if m.is_moe_layer(layer):
+      ffn = (m.experts_per_token + m.shared_expert) * dense_ffn + m.d_model * m.num_experts
+    total += attention + ffn
+  return total
+
+
+def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+  return 6.0 * matmul_params_per_token(m) + 12.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+  """Flattens arrays into named scalars: ``expert_load_LE`` -> ``expert_load/layer0/expert3``."""
+  flat = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      flat[name] = float(value)
+    elif name == 'expert_load_LE':
+      for layer, row in enumerate(value):
+        flat.update({f'expert_load/layer{layer}/expert{e}': float(v) for e, v in enumerate(row)})
+    elif name == 'dropped_L':
+      flat.update({f'dropped/layer{layer}': float(v) for layer, v in enumerate(value)})
+  return flat
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and the same scalars to
+  TensorBoard. Non-finite values are written as null in JSON."""
+
+  def __init__(self, run_dir: str | pathlib.Path):
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = open(run_dir / 'metrics.jsonl', 'a')
+    self.tensorboard = SummaryWriter(str(run_dir / 'tensorboard'))
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    record = {'step': step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    for name, value in values.items():
+      if math.isfinite(value):
+        self.tensorboard.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    self.jsonl.close()
+    self.tensorboard.close()

@@ -1,0 +1,112 @@
+"""The train state, its sharded initialisation, and the jitted train and eval steps.
+
+The step is a pure function ``(TrainState, Batch) -> (TrainState, metrics)`` compiled once
+with explicit input/output shardings and the old state donated. Gradient accumulation splits
+the batch into ``grad_accum_steps`` micro-batches inside the step; the loss is accumulated as
+sums and divided by the batch's token count once, so the gradient equals the full batch's.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gemini_mini import parallel
+from gemini_mini.batch import Batch
+from gemini_mini.config import ModelConfig
+from gemini_mini.model import Decoder
+from gemini_mini.train.loss import LossWeights, finalize, loss_sums
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array            # int32 scalar: optimizer steps taken
+  params: nnx.State          # the Decoder's parameters (float32)
+  opt_state: optax.OptState
+
+
+def _state_factory(model_config: ModelConfig, optimizer, seed: int):
+  def make_state():
+    params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  return make_state
+
+
+def abstract_train_state(model_config: ModelConfig, optimizer, mesh, seed: int):
+  """``(graphdef, shardings, abstract_state)`` without allocating: the shardings come from
+  the parameters' logical axis names, and ``abstract_state`` (shapes, dtypes, shardings) is
+  the restore target for checkpoints."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(seed))))
+  abstract = jax.eval_shape(_state_factory(model_config, optimizer, seed))
+  shardings = parallel.state_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return graphdef, shardings, abstract
+
+
+def init_train_state(model_config: ModelConfig, optimizer, shardings, seed: int) -> TrainState:
+  """A fresh state, created directly in its shards (no host copy of the full model)."""
+  return jax.jit(_state_factory(model_config, optimizer, seed), out_shardings=shardings)()
+
+
+def _micro_batches(batch: Batch, count: int) -> Batch:
+  """``[B, ...] -> [count, B / count, ...]`` taking rows ``i::count`` into micro-batch i, so a
+  device's contiguous rows stay on that device."""
+  def split(x):
+    x = x.reshape(x.shape[0] // count, count, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_accum_steps: int):
+  """Returns the (unjitted) ``train_step(state, batch) -> (state, metrics)``."""
+
+  def sums_and_grads(params, batch):
+    def objective(params):
+      logits_BTV, aux = nnx.merge(graphdef, params)(batch)
+      numerator, sums = loss_sums(logits_BTV, aux, batch, weights)
+      return numerator, (sums, aux)
+    (_, (sums, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, sums, {k: aux[k] for k in ('expert_load_LE', 'dropped_L')}
+
+  def train_step(state: TrainState, batch: Batch):
+    if grad_accum_steps == 1:
+      grads, sums, router = sums_and_grads(state.params, batch)
+    else:
+      def accumulate(carry, micro_batch):
+        grads, sums, router = sums_and_grads(state.params, micro_batch)
+        return jax.tree.map(jnp.add, carry, (grads, sums, router)), None
+      micro_batches = _micro_batches(batch, grad_accum_steps)
+      first = jax.tree.map(lambda x: x[0], micro_batches)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, state.params, first))
+      (grads, sums, router), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+      router = jax.tree.map(lambda x: x / grad_accum_steps, router)
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = finalize(sums, weights)
+    metrics.update(router, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, weights: LossWeights):
+  """``eval_step(params, batch) -> sums`` (add them over batches, then ``finalize``)."""
+  def eval_step(params, batch: Batch):
+    logits_BTV, aux = nnx.merge(graphdef, params)(batch)
+    return loss_sums(logits_BTV, aux, batch, weights)[1]
+  return eval_step
+
+
+def jit_steps(train_step, eval_step, state_shardings, mesh):
+  """Compiles both steps with explicit shardings; the train state is donated."""
+  batch_sharding = parallel.batch_sharding(mesh)
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                  out_shardings=(state_shardings, None), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding))
+  return train, evaluate
