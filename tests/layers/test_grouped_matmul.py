@@ -1,0 +1,131 @@
+"""Tests for the grouped matmul: both implementations against a per-row loop reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemini_mini.layers import grouped_matmul as gmm
+
+TILE = gmm.TILE_SIZE['tiled']
+D_IN, D_OUT = 5, 3
+
+
+def _group_of_rows(group_sizes_E, num_rows):
+  """Group index of each row, -1 for rows after the last group (a plain python loop)."""
+  group_M = np.full(num_rows, -1)
+  start = 0
+  for g, size in enumerate(group_sizes_E):
+    group_M[start:start + size] = g
+    start += size
+  return group_M
+
+
+def _loop_reference(x_MI, w_EIO, group_sizes_E):
+  """``y[r] = x[r] @ w[g]`` for row r of group g, one row at a time; zero past the groups."""
+  x_MI, w_EIO = np.asarray(x_MI, np.float64), np.asarray(w_EIO, np.float64)
+  y_MO = np.zeros((x_MI.shape[0], w_EIO.shape[2]))
+  for r, g in enumerate(_group_of_rows(group_sizes_E, x_MI.shape[0])):
+    if g >= 0:
+      y_MO[r] = x_MI[r] @ w_EIO[g]
+  return y_MO
+
+
+def _masked_einsum(x_MI, w_EIO, group_sizes_E):
+  """The same product as a dense masked einsum (for its jax autodiff gradients)."""
+  group_M = _group_of_rows(group_sizes_E, x_MI.shape[0])
+  mask_ME = jnp.asarray(group_M[:, None] == np.arange(w_EIO.shape[0])[None], x_MI.dtype)
+  return jnp.einsum('MI,ME,EIO->MO', x_MI, mask_ME, w_EIO)
+
+
+def _inputs(num_rows, num_groups, seed=0):
+  rng = np.random.default_rng(seed)
+  x_MI = jnp.asarray(rng.normal(size=(num_rows, D_IN)), jnp.float32)
+  w_EIO = jnp.asarray(rng.normal(size=(num_groups, D_IN, D_OUT)), jnp.float32)
+  dy_MO = jnp.asarray(rng.normal(size=(num_rows, D_OUT)), jnp.float32)
+  return x_MI, w_EIO, dy_MO
+
+
+def _check(implementation, group_sizes, num_rows):
+  x_MI, w_EIO, dy_MO = _inputs(num_rows, len(group_sizes))
+  sizes_E = jnp.asarray(group_sizes, jnp.int32)
+
+  @jax.jit
+  def loss_and_y(x_MI, w_EIO, sizes_E):  # sizes traced, as in the MoE
+    y_MO = gmm.grouped_matmul(x_MI, w_EIO, sizes_E, implementation)
+    return jnp.sum(y_MO * dy_MO), y_MO
+
+  (_, y_MO), (dx_MI, dw_EIO) = jax.value_and_grad(loss_and_y, argnums=(0, 1), has_aux=True)(
+      x_MI, w_EIO, sizes_E)
+  assert y_MO.shape == (num_rows, D_OUT) and y_MO.dtype == jnp.float32
+  np.testing.assert_allclose(y_MO, _loop_reference(x_MI, w_EIO, group_sizes), atol=1e-5,
+                             rtol=1e-4)
+  used = sum(group_sizes)
+  np.testing.assert_array_equal(y_MO[used:], 0.0)  # rows after the last group: exactly zero
+
+  ref_loss = lambda x, w: jnp.sum(_masked_einsum(x, w, group_sizes) * dy_MO)
+  ref_dx_MI, ref_dw_EIO = jax.grad(ref_loss, argnums=(0, 1))(x_MI, w_EIO)
+  # Gradients sum up to a few hundred products per entry: a looser atol for the summation order.
+  np.testing.assert_allclose(dx_MI, ref_dx_MI, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(dw_EIO, ref_dw_EIO, atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(dx_MI[used:], 0.0)
+  for g, size in enumerate(group_sizes):
+    if size == 0:
+      np.testing.assert_array_equal(dw_EIO[g], 0.0)  # an empty group gets no gradient
+
+
+# Group sizes that are multiples of the tiled tile: legal for both implementations.
+TILED_CASES = [
+    ([2 * TILE, 0, TILE, TILE], 6 * TILE),    # empty middle group, two unused tiles at the end
+    ([0, 0, 2 * TILE, TILE], 3 * TILE),       # empty leading groups, all rows used
+    ([TILE, 2 * TILE, 0, 0], 4 * TILE),       # empty trailing groups
+    ([0, 0, 0, 0], 2 * TILE),                 # nothing routed: all zero
+    ([3 * TILE], 3 * TILE),                   # a single group
+]
+
+
+@pytest.mark.parametrize('implementation', gmm.IMPLEMENTATIONS)
+@pytest.mark.parametrize('group_sizes, num_rows', TILED_CASES)
+def test_tile_multiple_groups_match_loop_reference(implementation, group_sizes, num_rows):
+  _check(implementation, group_sizes, num_rows)
+
+
+@pytest.mark.parametrize('group_sizes, num_rows', [
+    ([3, 0, 5, 2], 13),   # empty group, three rows after the last group
+    ([0, 7, 1, 0], 8),    # empty first and last groups, all rows used
+    ([1, 1, 1, 1], 9),
+])
+def test_ragged_dot_arbitrary_groups_match_loop_reference(group_sizes, num_rows):
+  _check('ragged_dot', group_sizes, num_rows)
+
+
+def test_bfloat16_inputs_keep_dtype():
+  x_MI, w_EIO, _ = _inputs(2 * TILE, 2)
+  x_MI, w_EIO = x_MI.astype(jnp.bfloat16), w_EIO.astype(jnp.bfloat16)
+  sizes_E = jnp.asarray([TILE, 0], jnp.int32)
+  for implementation in gmm.IMPLEMENTATIONS:
+    loss = lambda x, w: gmm.grouped_matmul(x, w, sizes_E, implementation).astype(
+        jnp.float32).sum()
+    y_MO = gmm.grouped_matmul(x_MI, w_EIO, sizes_E, implementation)
+    dx_MI, dw_EIO = jax.grad(loss, argnums=(0, 1))(x_MI, w_EIO)
+    assert y_MO.dtype == dx_MI.dtype == dw_EIO.dtype == jnp.bfloat16
+    # bfloat16 has an 8-bit mantissa: compare at bfloat16 precision.
+    np.testing.assert_allclose(np.asarray(y_MO, np.float32),
+                               _loop_reference(x_MI.astype(jnp.float32),
+                                               w_EIO.astype(jnp.float32), [TILE, 0]),
+                               atol=5e-2, rtol=2e-2)
+
+
+def test_bad_arguments_raise():
+  x_MI, w_EIO, _ = _inputs(TILE + 1, 2)
+  sizes_E = jnp.asarray([1, 0], jnp.int32)
+  with pytest.raises(ValueError, match='unknown grouped matmul'):
+    gmm.grouped_matmul(x_MI, w_EIO, sizes_E, 'einsum')
+  with pytest.raises(ValueError, match='multiple'):
+    gmm.grouped_matmul(x_MI, w_EIO, sizes_E, 'tiled')
+
+
+def test_default_implementation_is_known():
+  assert gmm.default_implementation() in gmm.IMPLEMENTATIONS
+  expected = 'tiled' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  assert gmm.default_implementation() == expected
