@@ -22,6 +22,8 @@ ones included) and ``routed_BTE`` (how many of each token's slots went to each e
 per-group statistics by the caller.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -109,7 +111,9 @@ class MoE(nnx.Module):
 
   def capacity(self, length: int) -> int:
     """Slots per expert per sequence of ``length`` tokens under capacity dispatch."""
-    return -(-int(self.capacity_factor * length * self.experts_per_token) // self.num_experts)
+    # round() first: 1.1 * 10 is 11.000000000000002 in floating point, which must not become 12.
+    slots = round(self.capacity_factor * length * self.experts_per_token, 6)
+    return math.ceil(slots / self.num_experts)
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     batch, length, d_model = x_BTD.shape
@@ -117,7 +121,6 @@ class MoE(nnx.Module):
       valid_BT = jnp.ones((batch, length), bool)
     logits_BTE = self.router(x_BTD)
     experts_BTR, weights_BTR = top_k_routing(logits_BTE, self.experts_per_token)
-    weights_BTR = weights_BTR * valid_BT[..., None]
     x_BTD = x_BTD.astype(self.dtype)
 
     if self.dispatch == 'capacity':
