@@ -85,6 +85,7 @@ class DataConfig:
   """Static per-row item counts of the batch contract (``Batch.patches`` / ``Batch.audio``)."""
 
   dir: str = 'data'            # prepared datasets (python -m gemini_mini.data.prepare)
+  subset: Literal['full', 'small'] = 'full'  # 'small': a 2% sample that builds in seconds
   num_patches: int = 64        # P: image patches per row
   num_audio_frames: int = 64   # A: audio frames per row
 

@@ -13,9 +13,14 @@ import pathlib
 import orbax.checkpoint as ocp
 
 # Fields that must match to resume: they change parameter shapes, the data stream, or what a
-# "step" means. Everything else (steps, learning rate, logging, mesh) may change on resume.
-MUST_MATCH = ('model', 'data', 'train.batch_size', 'train.seq_len', 'train.seed',
-              'train.grad_accum_steps')
+# "step" means. Everything else (steps, learning rate, logging, mesh, kernels, dispatch,
+# dtype, remat, where the data lives) may change on resume.
+MUST_MATCH = (
+    'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+    'model.num_kv_heads', 'model.head_dim', 'model.d_ff', 'model.num_experts',
+    'model.experts_per_token', 'model.moe_every', 'model.shared_expert', 'model.patch_dim',
+    'model.audio_dim', 'data.subset', 'data.num_patches', 'data.num_audio_frames',
+    'train.batch_size', 'train.seq_len', 'train.seed', 'train.grad_accum_steps')
 
 
 class CheckpointError(ValueError):
@@ -26,13 +31,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """``'section.field: saved -> current'`` for every ``MUST_MATCH`` field that differs."""
   differences = []
   for key in MUST_MATCH:
-    section, _, field = key.partition('.')
-    saved_section, current_section = saved.get(section, {}), current.get(section, {})
-    fields = [field] if field else sorted(set(saved_section) | set(current_section))
-    for name in fields:
-      old, new = saved_section.get(name), current_section.get(name)
-      if old != new:
-        differences.append(f'{section}.{name}: {old!r} -> {new!r}')
+    section, field = key.split('.')
+    old, new = saved.get(section, {}).get(field), current.get(section, {}).get(field)
+    if old != new:
+      differences.append(f'{key}: {old!r} -> {new!r}')
   return differences
 
 

@@ -16,10 +16,13 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gemini_mini import parallel
 from gemini_mini.config import Config, ConfigError
+from gemini_mini.data import prepare
+from gemini_mini.data.text_batches import TextBatches
 from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
@@ -60,13 +63,22 @@ class StopRequest:
       signal.signal(signum, handler)
 
 
-def make_data(config: Config, split: str, process_index: int, process_count: int):
-  from gemini_mini.data.text import TextBatches  # noqa: deferred: data is optional for imports
+def make_data(config: Config, split: str) -> TextBatches:
+  """This process's share of the ``split`` batches."""
   m, d, t = config.model, config.data, config.train
   return TextBatches(d.dir, split, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
-                     process_index=process_index, process_count=process_count,
+                     process_index=jax.process_index(), process_count=jax.process_count(),
                      num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
-                     patch_dim=m.patch_dim, audio_dim=m.audio_dim)
+                     patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset)
+
+
+def global_data_state(data: TextBatches) -> dict:
+  """The iterator state with every process's rows, so any process count can resume it."""
+  state = data.get_state()
+  if jax.process_count() > 1:
+    rows = multihost_utils.process_allgather(np.asarray(state['rows'], np.int64))
+    state['rows'] = rows.reshape(-1, 3).tolist()
+  return state
 
 
 def check_divisibility(config: Config, mesh) -> None:
@@ -97,7 +109,10 @@ def run(config: Config) -> dict:
   weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
   checkpointer = Checkpointer(run_dir / 'checkpoints', keep=t.keep_checkpoints,
                               config=config.to_dict())
-  train_data = make_data(config, 'train', jax.process_index(), jax.process_count())
+  if is_chief:  # builds the dataset on first use; the other processes wait for it
+    prepare.ensure(config.data.dir, config.data.subset)
+  multihost_utils.sync_global_devices('data prepared')
+  train_data = make_data(config, 'train')
   graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
   if checkpointer.latest_step() is not None:
     start, state, data_state = checkpointer.restore(abstract)
@@ -112,51 +127,50 @@ def run(config: Config) -> dict:
   train_step, eval_step = jit_steps(make_train_step(graphdef, optimizer, schedule, weights,
                                                     t.grad_accum_steps),
                                     make_eval_step(graphdef, weights), shardings, mesh)
-  writer = metrics_lib.MetricsWriter(run_dir) if is_chief else None
+  writer = metrics_lib.MetricsWriter(run_dir, resume_step=start) if is_chief else None
   flops_per_step = metrics_lib.train_flops_per_token(config.model, t.seq_len) * t.batch_size * t.seq_len
   peak_flops = t.peak_flops_per_device * jax.device_count()
   stop = StopRequest()
   progress = tqdm(total=t.steps, initial=start, disable=not is_chief, dynamic_ncols=True)
   last = {}
   saved_step = start
-  interval_start, interval_steps = None, 0
+  step_seconds = []  # since the last log: data + step time, without eval or checkpoints
   try:
     for step in range(start + 1, t.steps + 1):
+      step_start = time.perf_counter()
       batch = parallel.host_local_to_global(next(train_data), mesh)
       with jax.set_mesh(mesh):
         state, step_metrics = train_step(state, batch)
-      loss = float(step_metrics['loss'])  # waits for the step; needed to stop on NaN at once
-      if not math.isfinite(loss):
-        raise NonFiniteLoss(f'step {step}: loss is {loss}; stopping without saving. The last '
-                            f'good checkpoint is step {checkpointer.latest_step()} in {run_dir}. '
+      # Waits for the step: a non-finite loss or update must stop the run before any save.
+      loss = float(step_metrics.pop('loss'))
+      if not (math.isfinite(loss) and bool(step_metrics.pop('params_finite'))):
+        what = f'loss is {loss}' if not math.isfinite(loss) else 'the update made parameters non-finite'
+        latest = checkpointer.latest_step()
+        kept = (f'The last good checkpoint is step {latest} in {run_dir}' if latest is not None
+                else 'No checkpoint was saved')
+        raise NonFiniteLoss(f'step {step}: {what}; stopping without saving. {kept}. '
                             'Lower train.learning_rate or raise train.warmup_steps.')
-      # Throughput excludes the first step of a (re)start: it includes compilation.
-      if interval_start is None:
-        interval_start = time.perf_counter()
-      else:
-        interval_steps += 1
+      if step > start + 1:  # the first step of a (re)start includes compilation
+        step_seconds.append(time.perf_counter() - step_start)
       progress.update(1)
       if step % t.log_every == 0 or step == t.steps:
-        values = metrics_lib.scalars(step_metrics)
-        if interval_steps:
-          seconds_per_step = (time.perf_counter() - interval_start) / interval_steps
-          values['tokens_per_s'] = t.batch_size * t.seq_len / seconds_per_step
-          values['mfu'] = flops_per_step / seconds_per_step / peak_flops
-          interval_start, interval_steps = time.perf_counter(), 0
-        else:
-          values['tokens_per_s'] = values['mfu'] = float('nan')
+        values = {'loss': loss, **metrics_lib.scalars(step_metrics)}
+        seconds_per_step = np.mean(step_seconds) if step_seconds else float('nan')
+        values['tokens_per_s'] = t.batch_size * t.seq_len / seconds_per_step
+        values['mfu'] = flops_per_step / seconds_per_step / peak_flops
+        step_seconds = []
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-          values.update(evaluate(eval_step, state.params, config, mesh))
+          values.update(evaluate(eval_step, state.params, config, mesh, weights))
         progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{values["tokens_per_s"]:.0f}')
         if writer:
           writer.write(step, values)
         last = {'step': step, **values}
       if step % t.checkpoint_every == 0 or step == t.steps:
-        checkpointer.save(step, state, train_data.get_state())
+        checkpointer.save(step, state, global_data_state(train_data))
         saved_step = step
       if stop.requested:
         if saved_step != step:
-          checkpointer.save(step, state, train_data.get_state())
+          checkpointer.save(step, state, global_data_state(train_data))
         print(f'stopped at step {step}; saved. Run again with train.run_dir={run_dir} to resume.',
               file=sys.stderr)
         break
@@ -169,14 +183,12 @@ def run(config: Config) -> dict:
   return last
 
 
-def evaluate(eval_step, params, config: Config, mesh) -> dict:
+def evaluate(eval_step, params, config: Config, mesh, weights: LossWeights) -> dict:
   """Held-out loss over ``train.eval_batches`` batches (the same ones every time)."""
-  data = make_data(config, 'eval', jax.process_index(), jax.process_count())
+  data = make_data(config, 'eval')
   total = None
   for _ in range(config.train.eval_batches):
     with jax.set_mesh(mesh):
       sums = eval_step(params, parallel.host_local_to_global(next(data), mesh))
     total = sums if total is None else jax.tree.map(np.add, total, sums)
-  weights = LossWeights(config.train.load_balance_weight, config.train.router_z_weight,
-                        config.train.logit_z_weight)
   return {f'eval/{k}': float(v) for k, v in finalize(total, weights).items()}

@@ -55,13 +55,22 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 class MetricsWriter:
   """Appends one JSON object per logged step to ``metrics.jsonl`` and the same scalars to
-  TensorBoard. Non-finite values are written as null in JSON."""
+  TensorBoard. Non-finite values are written as null in JSON.
 
-  def __init__(self, run_dir: str | pathlib.Path):
+  A run resumed from step ``resume_step`` first drops what an interrupted run logged after
+  that step, in both files, so each step appears once and the logs read as one run.
+  """
+
+  def __init__(self, run_dir: str | pathlib.Path, resume_step: int = 0):
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    self.jsonl = open(run_dir / 'metrics.jsonl', 'a')
-    self.tensorboard = SummaryWriter(str(run_dir / 'tensorboard'))
+    path = run_dir / 'metrics.jsonl'
+    if path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)['step'] <= resume_step]
+      path.write_text(''.join(line + '\n' for line in kept))
+    self.jsonl = open(path, 'a')
+    self.tensorboard = SummaryWriter(str(run_dir / 'tensorboard'), purge_step=resume_step + 1)
 
   def write(self, step: int, values: dict[str, float]) -> None:
     record = {'step': step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}

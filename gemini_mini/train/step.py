@@ -89,7 +89,9 @@ def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_ac
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = finalize(sums, weights)
-    metrics.update(router, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    metrics.update(router, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
+                   params_finite=params_finite)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

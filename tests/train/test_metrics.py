@@ -1,0 +1,40 @@
+"""MFU's FLOP count, written-out formula checks, and the metrics files on resume."""
+
+import json
+
+from gemini_mini import config as config_lib
+from gemini_mini.train.metrics import MetricsWriter, scalars, train_flops_per_token
+
+
+def test_flops_per_token_of_the_peer_shape():
+  # shared/peers/README.md: the shared shape (nano) costs about 41.7 MFLOP per trained token:
+  # 6 * 5,906,432 matmul parameters + 12 * 4 layers * 4 heads * 64 * 512 tokens.
+  nano = config_lib.load('configs/nano.yaml').model
+  assert train_flops_per_token(nano, 512) == 6 * 5_906_432 + 12 * 4 * 4 * 64 * 512 == 41_730_048
+
+
+def test_dense_layers_count_one_ffn():
+  m = config_lib.load(None, ['model.num_experts=0']).model
+  attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  per_layer = attention + 3 * m.d_model * m.d_ff
+  expected = 6 * (m.num_layers * per_layer + m.d_model * m.vocab_size)
+  assert train_flops_per_token(m, 1) == expected + 12 * m.num_layers * m.num_heads * m.head_dim
+
+
+def test_scalars_flatten_router_statistics():
+  flat = scalars({'loss': 2.0, 'expert_load_LE': [[0.5, 0.5]], 'dropped_L': [0.25]})
+  assert flat == {'loss': 2.0, 'expert_load/layer0/expert0': 0.5,
+                  'expert_load/layer0/expert1': 0.5, 'dropped/layer0': 0.25}
+
+
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
+  writer = MetricsWriter(tmp_path)
+  for step in (1, 2, 3, 4):
+    writer.write(step, {'loss': float(step), 'mfu': float('nan')})
+  writer.close()
+  writer = MetricsWriter(tmp_path, resume_step=2)
+  writer.write(3, {'loss': 30.0})
+  writer.close()
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  assert records[0]['mfu'] is None  # non-finite values are null, not NaN (invalid JSON)
