@@ -1,0 +1,94 @@
+"""The SentencePiece tokenizer shipped with the package, with modality and control tokens.
+
+Ids 0..3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; then the modality tokens
+(``<image>`` and ``<audio>`` placeholders, ``<begin_image>`` ... ``<end_video>``), then one
+time stamp ``<t=Ns>`` per second N in 0..``MAX_TIME_STAMP``, then ``\\n``, the 256 byte
+pieces and the learned pieces. Every special token is one SentencePiece *control* symbol:
+a single id that encoding text never produces (the text ``'<image>'`` becomes the pieces
+``<``, ``image``, ``>``) and that ``decode`` drops. Modality code inserts special tokens by
+id (``tokenizer.image_id``, ``tokenizer.time_stamp_id(3)``); prompts written as text can
+opt in with ``encode(text, allow_special=True)``.
+
+Text round-trips exactly (``decode(encode(text)) == text``: identity normalisation, all
+whitespace kept, byte fallback for unseen characters), except that U+2581 ``▁``,
+SentencePiece's own space marker, decodes to a space.
+"""
+
+import pathlib
+import re
+
+import numpy as np
+import sentencepiece as spm
+
+DEFAULT_MODEL = pathlib.Path(__file__).parent.parent / 'assets' / 'tokenizer.model'
+VOCAB_SIZE = 8192
+MAX_TIME_STAMP = 255  # seconds; a video frame at 1 fps is preceded by its <t=Ns> token
+CONTROL_TOKENS = ('<pad>', '<bos>', '<eos>', '<unk>')
+MODALITY_TOKENS = ('<image>', '<audio>', '<begin_image>', '<end_image>', '<begin_audio>',
+                   '<end_audio>', '<begin_video>', '<end_video>')
+TIME_STAMP_TOKENS = tuple(f'<t={second}s>' for second in range(MAX_TIME_STAMP + 1))
+SPECIAL_TOKENS = CONTROL_TOKENS + MODALITY_TOKENS + TIME_STAMP_TOKENS
+
+
+class TokenizerError(ValueError):
+  """A missing or mismatched tokenizer model, or a bad special-token request."""
+
+
+class Tokenizer:
+  """SentencePiece text <-> ids, with named ids for every special token.
+
+  Attributes:
+    vocab_size: number of ids (8192 for the shipped model); every id is in [0, vocab_size).
+    pad_id, bos_id, eos_id, unk_id: control ids (pad is 0).
+    image_id, audio_id: the placeholders at image-patch and audio-frame positions.
+    begin_image_id, end_image_id, begin_audio_id, end_audio_id, begin_video_id,
+    end_video_id: the brackets around an image, a clip of audio and a video.
+  """
+
+  def __init__(self, model_path: str | pathlib.Path = DEFAULT_MODEL):
+    path = pathlib.Path(model_path)
+    if not path.is_file():
+      raise TokenizerError(f'no tokenizer model at {path}; train one with '
+                           '`python -m gemini_mini.data.train_tokenizer`')
+    self._sp = spm.SentencePieceProcessor(model_file=str(path))
+    self.vocab_size = self._sp.get_piece_size()
+    ids = {piece: self._sp.piece_to_id(piece) for piece in SPECIAL_TOKENS}
+    broken = [piece for piece, id_ in ids.items() if self._sp.id_to_piece(id_) != piece or not (
+        self._sp.is_unknown(id_) if piece == '<unk>' else self._sp.is_control(id_))]
+    if broken:
+      raise TokenizerError(f'{path} lacks the special tokens {broken[:4]}...; retrain it with '
+                           '`python -m gemini_mini.data.train_tokenizer`')
+    self.special_ids = ids
+    self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[p] for p in CONTROL_TOKENS)
+    (self.image_id, self.audio_id, self.begin_image_id, self.end_image_id,
+     self.begin_audio_id, self.end_audio_id, self.begin_video_id,
+     self.end_video_id) = (ids[p] for p in MODALITY_TOKENS)
+    self._special_pattern = re.compile(
+        '(' + '|'.join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ')')
+
+  def time_stamp_id(self, second: int) -> int:
+    """The id of ``<t={second}s>``, for 0 <= second <= MAX_TIME_STAMP."""
+    if not 0 <= second <= MAX_TIME_STAMP:
+      raise TokenizerError(f'time stamp {second}s is outside [0, {MAX_TIME_STAMP}]; '
+                           f'cut videos to at most {MAX_TIME_STAMP + 1} frames at 1 fps')
+    return self.special_ids[TIME_STAMP_TOKENS[second]]
+
+  def encode(self, text: str, *, allow_special: bool = False) -> np.ndarray:
+    """Text -> ids ``[L] int32``, without bos/eos.
+
+    Args:
+      text: any string.
+      allow_special: if True, each occurrence of a special token's text (``'<image>'``,
+        ``'<t=3s>'``) becomes that token's single id; if False (the default) such text is
+        encoded as ordinary pieces and the result holds no special id.
+    """
+    if not allow_special:
+      return np.asarray(self._sp.encode(text), np.int32)
+    parts = self._special_pattern.split(text)  # odd indices hold the special tokens
+    ids = [[self.special_ids[part]] if i % 2 else self._sp.encode(part)
+           for i, part in enumerate(parts) if part]
+    return np.asarray([id_ for run in ids for id_ in run], np.int32)
+
+  def decode(self, ids) -> str:
+    """Ids -> text; special ids (pad, bos, eos, placeholders, time stamps) are dropped."""
+    return self._sp.decode([int(id_) for id_ in np.asarray(ids).reshape(-1)])
