@@ -2,7 +2,8 @@
 
 Builds what is missing under DIR (default ``data``) with progress bars, then prints
 documents and tokens per split and source. Needs the Debian packages in
-``sources.APT_PACKAGES``; if one is missing it exits with the ``apt-get install`` line.
+``sources.APT_PACKAGES``: run as root it installs missing ones with apt-get, otherwise it
+exits with the ``apt-get install`` line.
 ``--subset small`` builds a 2% sample in seconds (tests, CI). ``ensure()`` is the same
 for code (``train.py`` calls it on first use).
 """
@@ -30,6 +31,7 @@ def ensure(data_dir: str, subset: str = 'full') -> text_corpus.TextCorpus:
     ignore.write_text('*\n')
   builder = text_corpus.builder(data_dir, subset)
   if not builder.is_prepared():
+    sources.install_missing()
     sources.check_installed()
     builder.download_and_prepare()
   return builder

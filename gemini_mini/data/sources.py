@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sysconfig
 from typing import Callable, Iterator
@@ -169,10 +170,28 @@ APT_PACKAGES = tuple(source.apt_package for source in CORPUS_SOURCES + LONG_SOUR
                      if source.apt_package)
 
 
+def _missing() -> list[Source]:
+  return [source for source in CORPUS_SOURCES + LONG_SOURCES
+          if source.probe and not os.path.exists(source.probe)]
+
+
+def install_missing() -> None:
+  """Installs missing Debian packages with apt-get when running as root (CI, containers,
+  TPU VMs under sudo); otherwise leaves them to ``check_installed``'s message."""
+  missing = _missing()
+  if not missing or os.geteuid() != 0 or not shutil.which('apt-get'):
+    return
+  packages = sorted({source.apt_package for source in missing if source.apt_package})
+  print(f'installing Debian packages for the text corpus: {" ".join(packages)}', flush=True)
+  env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
+  subprocess.run(['apt-get', 'update', '-qq'], env=env, check=False)
+  subprocess.run(['apt-get', 'install', '-y', '-qq', *packages], env=env, check=False,
+                 stdout=subprocess.DEVNULL)
+
+
 def check_installed() -> None:
   """Raises ``MissingSourceError`` naming every missing package and the line to install them."""
-  missing = [source for source in CORPUS_SOURCES + LONG_SOURCES
-             if source.probe and not os.path.exists(source.probe)]
+  missing = _missing()
   if missing:
     names = ', '.join(f'{source.name} (no {source.probe})' for source in missing)
     packages = ' '.join(sorted({source.apt_package for source in missing if source.apt_package}))
