@@ -10,13 +10,15 @@ Dimension key, used as shape suffixes (``x_BTD``) and as einsum letters
   C  expert capacity (slots)       M  rows of a sorted/grouped token buffer
   V  vocabulary                    P  image patches       A  audio frames
   I  input feature width (patch or audio frame)
+  X  tokens (or items) flattened into one axis, e.g. B*T: weight matmuls run on ``x_XD``
+     (``layers.flatten_tokens``), which XLA:CPU differentiates about twice as fast
 
 Every parameter carries logical axis names (``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``, ``expert``, ``vocab``, ``features``); ``gemini_mini.parallel``
 maps them onto mesh axes. Layers never see a config object or a mesh.
 """
 
-from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.norm import RMSNorm
 from gemini_mini.layers.rope import apply_rope
 from gemini_mini.layers.attention import Attention, KVCache
@@ -26,5 +28,5 @@ from gemini_mini.layers.embed import FeatureEmbed, TokenEmbed
 
 __all__ = [
     'Attention', 'FeatureEmbed', 'GatedMLP', 'KVCache', 'MoE', 'RMSNorm', 'TokenEmbed',
-    'apply_rope', 'fan_in_init', 'param',
+    'apply_rope', 'fan_in_init', 'flatten_tokens', 'param',
 ]

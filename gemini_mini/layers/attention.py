@@ -22,7 +22,7 @@ from flax import nnx
 
 from gemini_mini.layers.attention_kernels import (
     KERNELS, attention_mask, chunked_attention, dense_attention)
-from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.rope import apply_rope
 
 @jax.tree_util.register_dataclass
@@ -107,11 +107,13 @@ class Attention(nnx.Module):
       self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
       cache: KVCache | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    x_BTD = x_BTD.astype(self.dtype)
+    batch, length, _ = x_BTD.shape
+    x_XD = flatten_tokens(x_BTD).astype(self.dtype)
     weight = lambda p: p[...].astype(self.dtype)
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, weight(self.q_DNH))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, weight(self.k_DKH))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, weight(self.v_DKH))
+    tokens = lambda y_X__: y_X__.reshape(batch, length, *y_X__.shape[1:])
+    q_BTNH = tokens(jnp.einsum('XD,DNH->XNH', x_XD, weight(self.q_DNH)))
+    k_BTKH = tokens(jnp.einsum('XD,DKH->XKH', x_XD, weight(self.k_DKH)))
+    v_BTKH = tokens(jnp.einsum('XD,DKH->XKH', x_XD, weight(self.v_DKH)))
     q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_max_wavelength)
     k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_max_wavelength)
     q_BTNH = q_BTNH * q_BTNH.shape[-1] ** -0.5
@@ -131,5 +133,5 @@ class Attention(nnx.Module):
                                 self.window)
       o_BTKGH = dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTS)
 
-    o_BTNH = einops.rearrange(o_BTKGH, 'B T K G H -> B T (K G) H')
-    return jnp.einsum('BTNH,NHD->BTD', o_BTNH, weight(self.o_NHD)), cache
+    o_XNH = einops.rearrange(o_BTKGH, 'B T K G H -> (B T) (K G) H')
+    return tokens(jnp.einsum('XNH,NHD->XD', o_XNH, weight(self.o_NHD))), cache

@@ -7,7 +7,7 @@ from flax import nnx
 
 from gemini_mini.layers.mlp import GatedMLP
 from gemini_mini.layers.norm import RMSNorm
-from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 
 
 class TokenEmbed(nnx.Module):
@@ -30,17 +30,18 @@ class TokenEmbed(nnx.Module):
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """``x_BTD`` -> ``logits_BTV`` float32."""
-    return jnp.einsum('BTD,DV->BTV', x_BTD.astype(self.dtype),
-                      self.unembedding_DV[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    logits_XV = jnp.einsum('XD,DV->XV', flatten_tokens(x_BTD).astype(self.dtype),
+                           self.unembedding_DV[...].astype(self.dtype),
+                           preferred_element_type=jnp.float32)
+    return logits_XV.reshape(*x_BTD.shape[:-1], -1)
 
 
 class FeatureEmbed(nnx.Module):
-  """A small encoder for one continuous modality: ``x_BXI -> y_BXD``.
+  """A small encoder for one continuous modality: ``x_BPI -> y_BPD``.
 
   A linear projection from the feature width ``I`` (a flattened image patch, a stack of
   log-mel frames), then a residual gated MLP and an RMSNorm so the result has the scale of a
-  token embedding. ``X`` is any item axis (``P`` patches, ``A`` audio frames).
+  token embedding. ``P`` is the item axis: image patches, or audio frames (``A``).
   """
 
   def __init__(self, in_dim: int, d_model: int, d_ff: int, *, dtype=jnp.float32,
@@ -50,6 +51,8 @@ class FeatureEmbed(nnx.Module):
     self.mlp = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs)
     self.norm = RMSNorm(d_model, rngs=rngs)
 
-  def __call__(self, x_BXI: jax.Array) -> jax.Array:
-    h_BXD = jnp.einsum('BXI,ID->BXD', x_BXI.astype(self.dtype), self.proj_ID[...].astype(self.dtype))
-    return self.norm(h_BXD + self.mlp(h_BXD))
+  def __call__(self, x_BPI: jax.Array) -> jax.Array:
+    h_XD = jnp.einsum('XI,ID->XD', flatten_tokens(x_BPI).astype(self.dtype),
+                      self.proj_ID[...].astype(self.dtype))
+    h_BPD = h_XD.reshape(*x_BPI.shape[:-1], -1)
+    return self.norm(h_BPD + self.mlp(h_BPD))

@@ -1,4 +1,5 @@
-"""Parameter creation with logical axis names (see the dimension key in ``__init__``)."""
+"""Parameter creation with logical axis names (see the dimension key in ``__init__``), and the
+token flattening every weight matmul uses."""
 
 from collections.abc import Callable
 
@@ -29,3 +30,13 @@ def param(
 def fan_in_init(fan_in: int) -> Initializer:
   """Normal with std 1/sqrt(fan_in): unit-variance outputs for unit-variance inputs."""
   return nnx.initializers.normal(stddev=fan_in**-0.5)
+
+
+def flatten_tokens(x_BTD: jax.Array) -> jax.Array:
+  """``[..., D] -> [X, D]``: one token axis before a matmul with a weight.
+
+  XLA:CPU computes the weight gradient of ``'XD,DF->XF'`` about 2.3x faster than that of
+  ``'BTD,DF->BTF'`` (which contracts two axes and transposes; measured at 4096 x 512 x 2048),
+  and the reshape is free.
+  """
+  return x_BTD.reshape(-1, x_BTD.shape[-1])

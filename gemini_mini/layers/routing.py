@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemini_mini.layers.param import fan_in_init, param
+from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 
 
 class Router(nnx.Module):
@@ -18,7 +18,8 @@ class Router(nnx.Module):
     self.w_DE = param(rngs, fan_in_init(d_model), (d_model, num_experts), ('embed', None))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum('BTD,DE->BTE', x_BTD.astype(jnp.float32), self.w_DE[...])
+    logits_XE = jnp.einsum('XD,DE->XE', flatten_tokens(x_BTD).astype(jnp.float32), self.w_DE[...])
+    return logits_XE.reshape(*x_BTD.shape[:-1], -1)
 
 
 def top_k_routing(logits_BTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
