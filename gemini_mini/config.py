@@ -97,7 +97,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 2000
+  steps: int = 1200
   batch_size: int = 8            # global: split over processes, devices and micro-batches
   seq_len: int = 512
   learning_rate: float = 3e-3    # peak, after warm-up
