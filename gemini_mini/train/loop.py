@@ -32,7 +32,7 @@ from gemini_mini.train.step import (
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """The loss or the updated parameters stopped being finite; nothing was saved."""
 
 
 def initialize_distributed(mesh_config) -> None:
@@ -61,6 +61,13 @@ class StopRequest:
   def restore(self):
     for signum, handler in self.previous.items():
       signal.signal(signum, handler)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop: all must stop at the same step, since saving
+    is collective."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
 def make_data(config: Config, split: str) -> TextBatches:
@@ -168,7 +175,7 @@ def run(config: Config) -> dict:
       if step % t.checkpoint_every == 0 or step == t.steps:
         checkpointer.save(step, state, global_data_state(train_data))
         saved_step = step
-      if stop.requested:
+      if stop.agreed():
         if saved_step != step:
           checkpointer.save(step, state, global_data_state(train_data))
         print(f'stopped at step {step}; saved. Run again with train.run_dir={run_dir} to resume.',
