@@ -1,0 +1,180 @@
+"""Segments -> the batch contract: flatten one example, then pack examples into rows.
+
+``flatten(segments, tokenizer)`` lays one example out as flat arrays: text ids as they are,
+each image as ``<begin_image>`` + one ``<image>`` placeholder per patch + ``<end_image>``,
+each audio clip as ``<begin_audio>`` + one ``<audio>`` placeholder per frame + ``<end_audio>``;
+the brackets are text positions, the placeholders image/audio positions, and the patches and
+frames are kept in order of appearance.
+
+``pack_examples`` fills rows left to right with whole examples, in order (next fit: an
+example that does not fit in what is left of the row, in positions, patches or audio frames,
+starts the next row). Example k of a row is segment k + 1 with positions 0, 1, ...; padding
+is segment 0. ``targets`` is the next token of the same segment (0 elsewhere) and
+``loss_mask`` is 1 exactly where that target exists and is a text position: the model never
+learns to predict placeholders, and nothing is predicted across examples. An example that
+can never fit (longer than ``seq_len``, or with more patches or frames than a row holds) is
+rejected, not truncated: a cut image or clip would be meaningless.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from gemini_mini.batch import Batch, Modality
+from gemini_mini.modalities.segments import Segment
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatExample:
+  """One example laid out flat (L positions, P patches, A audio frames).
+
+  Attributes:
+    tokens: ``[L] int32``, placeholder ids at image and audio positions.
+    modality: ``[L] int8`` (``Modality``).
+    patches: ``[P, I] float32``, one row per image position in order (``[0, 0]`` if none).
+    audio: ``[A, I] float32``, one row per audio position in order (``[0, 0]`` if none).
+  """
+
+  tokens: np.ndarray
+  modality: np.ndarray
+  patches: np.ndarray
+  audio: np.ndarray
+
+
+def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
+  """One example's segments -> ``FlatExample``.
+
+  Args:
+    segments: the example in reading order.
+    tokenizer: gives ``image_id``, ``audio_id``, ``begin_image_id``, ``end_image_id``,
+      ``begin_audio_id`` and ``end_audio_id`` (a ``text.Tokenizer``).
+
+  Raises:
+    ValueError: an item that is not a ``Segment``, a text segment holding a placeholder id,
+      or images (clips) of different feature widths.
+  """
+  placeholder = {'image': (tokenizer.image_id, Modality.IMAGE,
+                           tokenizer.begin_image_id, tokenizer.end_image_id),
+                 'audio': (tokenizer.audio_id, Modality.AUDIO,
+                           tokenizer.begin_audio_id, tokenizer.end_audio_id)}
+  tokens, modality, items = [], [], {'image': [], 'audio': []}
+  for index, segment in enumerate(segments):
+    if not isinstance(segment, Segment):
+      raise ValueError(f'example item {index} is a {type(segment).__name__}, not a Segment; '
+                       'wrap it with Segment.text/image/audio')
+    if segment.kind == 'text':
+      stray = np.isin(segment.data, [tokenizer.image_id, tokenizer.audio_id])
+      if stray.any():
+        raise ValueError(f'text segment {index} holds an <image>/<audio> placeholder id; pass '
+                         'images and audio as Segment.image / Segment.audio instead')
+      tokens.append(segment.data)
+      modality.append(np.full(len(segment.data), Modality.TEXT, np.int8))
+      continue
+    token_id, kind, begin, end = placeholder[segment.kind]
+    count = len(segment.data)
+    tokens.append(np.array([begin] + [token_id] * count + [end], np.int32))
+    modality.append(np.array([Modality.TEXT] + [kind] * count + [Modality.TEXT], np.int8))
+    items[segment.kind].append(segment.data)
+
+  def stack(kind):
+    widths = {item.shape[1] for item in items[kind]}
+    if len(widths) > 1:
+      raise ValueError(f'{kind} segments of one example have feature widths {sorted(widths)}; '
+                       'build them all with the same settings')
+    return np.concatenate(items[kind]) if items[kind] else np.zeros((0, 0), np.float32)
+
+  return FlatExample(
+      tokens=np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32),
+      modality=np.concatenate(modality) if modality else np.zeros(0, np.int8),
+      patches=stack('image'), audio=stack('audio'))
+
+
+def _check_fits(index: int, example: FlatExample, seq_len: int, num_patches: int,
+                num_audio_frames: int, patch_dim: int, audio_dim: int) -> None:
+  size = len(example.tokens)
+  if size == 0:
+    raise ValueError(f'example {index} is empty; drop it')
+  if size > seq_len:
+    raise ValueError(f'example {index} takes {size} positions but a row has seq_len={seq_len}; '
+                     'raise train.seq_len or split the example')
+  for name, items, room, dim, keys in (
+      ('patches', example.patches, num_patches, patch_dim, ('data.num_patches', 'model.patch_dim')),
+      ('audio frames', example.audio, num_audio_frames, audio_dim,
+       ('data.num_audio_frames', 'model.audio_dim'))):
+    if len(items) > room:
+      raise ValueError(f'example {index} has {len(items)} {name} but a row holds {room}; '
+                       f'raise {keys[0]} or split the example')
+    if len(items) and items.shape[1] != dim:
+      raise ValueError(f'example {index} has {name} of width {items.shape[1]}, expected {dim}; '
+                       f'build them for {keys[1]} = {dim}')
+
+
+def _pack_row(examples: Sequence[FlatExample], seq_len: int, patches_PI: np.ndarray,
+              audio_AI: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-position fields ``[T]`` of one row; fills the row's ``patches_PI`` and ``audio_AI``."""
+  lengths = np.array([len(example.tokens) for example in examples], np.int64)
+  used = int(lengths.sum())
+  tokens, modality = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int8)
+  segment_ids, positions = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32)
+  if examples:
+    tokens[:used] = np.concatenate([example.tokens for example in examples])
+    modality[:used] = np.concatenate([example.modality for example in examples])
+    segment_ids[:used] = np.repeat(np.arange(1, len(examples) + 1), lengths)
+    positions[:used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  for name, out in (('patches', patches_PI), ('audio', audio_AI)):
+    stacked = [getattr(example, name) for example in examples if len(getattr(example, name))]
+    if stacked:
+      stacked = np.concatenate(stacked)
+      out[:len(stacked)] = stacked
+  has_target = np.zeros(seq_len, bool)
+  has_target[:-1] = (segment_ids[:-1] != 0) & (segment_ids[1:] == segment_ids[:-1])
+  target_is_text = np.append(modality[1:] == Modality.TEXT, False)
+  return dict(tokens=tokens, modality=modality, segment_ids=segment_ids, positions=positions,
+              targets=np.where(has_target, np.roll(tokens, -1), 0).astype(np.int32),
+              loss_mask=(has_target & target_is_text).astype(np.float32))
+
+
+def pack_examples(examples: Sequence[FlatExample], *, batch_size: int, seq_len: int,
+                  num_patches: int, num_audio_frames: int, patch_dim: int, audio_dim: int
+                  ) -> tuple[Batch, int]:
+  """Packs a prefix of ``examples``, in order, into one ``Batch`` of numpy arrays.
+
+  Args:
+    examples: ``flatten`` outputs, in the order they should be consumed.
+    batch_size, seq_len: B and T.
+    num_patches, num_audio_frames: P and A, the items a row holds.
+    patch_dim, audio_dim: the item widths (``model.patch_dim``, ``model.audio_dim``).
+
+  Returns:
+    ``(batch, count)``: the batch (per-position fields ``[B, T]``, ``patches [B, P,
+    patch_dim]``, ``audio [B, A, audio_dim]``, zeros where unused) holds ``examples[:count]``
+    whole; ``examples[count:]`` did not fit in B rows and belong to the next batch. Rows
+    after the last used one are all padding. The batch passes ``batch.check_batch``.
+
+  Raises:
+    ValueError: naming the example that is empty or can never fit in a row.
+  """
+  if min(batch_size, seq_len) <= 0:
+    raise ValueError(f'batch_size ({batch_size}) and seq_len ({seq_len}) must be positive')
+  rows, used = [[]], (0, 0, 0)  # used: positions, patches, audio frames of the last row
+  count = 0
+  for index, example in enumerate(examples):
+    _check_fits(index, example, seq_len, num_patches, num_audio_frames, patch_dim, audio_dim)
+    need = (len(example.tokens), len(example.patches), len(example.audio))
+    if any(u + n > room for u, n, room in zip(used, need, (seq_len, num_patches,
+                                                          num_audio_frames))):
+      if len(rows) == batch_size:
+        break
+      rows.append([])
+      used = (0, 0, 0)
+    rows[-1].append(example)
+    used = tuple(u + n for u, n in zip(used, need))
+    count += 1
+  rows += [[] for _ in range(batch_size - len(rows))]
+  patches = np.zeros((batch_size, num_patches, patch_dim), np.float32)
+  audio = np.zeros((batch_size, num_audio_frames, audio_dim), np.float32)
+  fields = [_pack_row(row, seq_len, patches[b], audio[b]) for b, row in enumerate(rows)]
+  batch = Batch(**{name: np.stack([row[name] for row in fields]) for name in fields[0]},
+                patches=patches, audio=audio)
+  return batch, count
