@@ -11,8 +11,14 @@ import argparse
 import sys
 
 from gemini_mini import config as config_lib
+from gemini_mini.data.sources import CorruptSourceError, MissingSourceError
+from gemini_mini.data.text_batches import DataError
 from gemini_mini.train.checkpoint import CheckpointError
 from gemini_mini.train.loop import NonFiniteLoss, run
+
+# Bad input of any kind: exit 2 with a last line that names the problem and the fix.
+INPUT_ERRORS = (config_lib.ConfigError, CheckpointError, DataError, MissingSourceError,
+                CorruptSourceError)
 
 
 def main(argv=None) -> int:
@@ -22,11 +28,13 @@ def main(argv=None) -> int:
                       help='config overrides, e.g. train.steps=100 mesh.data=2')
   args = parser.parse_args(argv)
   try:
-    config = config_lib.load(args.config, args.overrides)
-    run(config)
-  except (config_lib.ConfigError, CheckpointError, NonFiniteLoss) as error:
+    run(config_lib.load(args.config, args.overrides))
+  except INPUT_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
-    return 2 if not isinstance(error, NonFiniteLoss) else 3
+    return 2
+  except NonFiniteLoss as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 3
   return 0
 
 

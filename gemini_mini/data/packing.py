@@ -8,9 +8,9 @@ attention and RoPE never see across a cut. ``targets`` is the next token of the 
 segment and ``loss_mask`` is 1 exactly where that target exists and is text: never on
 padding, never on the last position of a segment.
 
-The image/audio interleaver will hand the same functions pieces that carry modality and
-patches; only text exists so far, so ``modality`` is all text and ``patches``/``audio`` are
-zeros of their static shapes.
+The row layout itself is ``modalities.interleave.row_fields``, shared with the image/audio
+interleaver; the text corpus has no images or audio, so ``modality`` is all text and
+``patches``/``audio`` are zeros of their static shapes.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gemini_mini.batch import Batch, Modality
+from gemini_mini.modalities import interleave
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,38 +58,22 @@ def take_pieces(read_document: Callable[[int], np.ndarray], cursor: Cursor, seq_
 
 
 def pack_row(pieces: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-  """Lays pieces left to right in one row, each its own segment; pads the rest.
+  """Lays text pieces left to right in one row, each its own segment; pads the rest.
 
   Args:
     pieces: token arrays ``[L_i] int32``, ``sum(L_i) <= seq_len``.
     seq_len: T.
 
   Returns:
-    The per-position fields of ``Batch`` for one row, each ``[T]``: ``tokens``,
-    ``modality`` (int8, all text), ``segment_ids`` (piece i is segment i + 1, padding 0),
-    ``positions`` (0, 1, ... inside each piece), ``targets`` (next token in the segment,
-    else 0) and ``loss_mask`` (float32, 1 where the target exists and is text).
+    The per-position fields of ``Batch`` for one row (``interleave.row_fields``), each
+    ``[T]``, with ``modality`` all text.
   """
-  lengths = np.array([len(piece) for piece in pieces], np.int64)
-  used = int(lengths.sum())
+  used = sum(len(piece) for piece in pieces)
   if used > seq_len:
     raise ValueError(f'pieces hold {used} tokens but a row has seq_len={seq_len}; '
                      'cut them with take_pieces')
-  tokens = np.zeros(seq_len, np.int32)
-  tokens[:used] = np.concatenate(pieces) if pieces else []
-  segment_ids = np.zeros(seq_len, np.int32)
-  segment_ids[:used] = np.repeat(np.arange(1, len(pieces) + 1), lengths)
-  positions = np.zeros(seq_len, np.int32)
-  starts = np.cumsum(lengths) - lengths
-  positions[:used] = np.arange(used) - np.repeat(starts, lengths)
-  modality = np.full(seq_len, Modality.TEXT, np.int8)
-  has_target = np.zeros(seq_len, bool)
-  has_target[:-1] = (segment_ids[:-1] != 0) & (segment_ids[1:] == segment_ids[:-1])
-  target_is_text = np.append(modality[1:] == Modality.TEXT, False)
-  loss_mask = has_target & target_is_text
-  targets = np.where(has_target, np.roll(tokens, -1), 0).astype(np.int32)
-  return dict(tokens=tokens, modality=modality, segment_ids=segment_ids, positions=positions,
-              targets=targets, loss_mask=loss_mask.astype(np.float32))
+  text = [np.full(len(piece), Modality.TEXT, np.int8) for piece in pieces]
+  return interleave.row_fields(pieces, text, seq_len)
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]], *, num_patches: int, patch_dim: int,

@@ -110,29 +110,45 @@ def _check_fits(index: int, example: FlatExample, seq_len: int, num_patches: int
                        f'build them for {keys[1]} = {dim}')
 
 
+def row_fields(tokens: Sequence[np.ndarray], modality: Sequence[np.ndarray], seq_len: int
+               ) -> dict[str, np.ndarray]:
+  """Per-position fields ``[T]`` of one row holding pieces left to right, each its own segment.
+
+  Piece i (``tokens[i]`` and ``modality[i]``, ``[L_i]``) is segment i + 1 with positions
+  0, 1, ...; the rest is padding (segment 0). ``targets`` is the next token of the same
+  segment (else 0) and ``loss_mask`` is 1 exactly where that target exists and is text.
+  """
+  lengths = np.array([len(piece) for piece in tokens], np.int64)
+  used = int(lengths.sum())
+  if used > seq_len:
+    raise ValueError(f'pieces hold {used} tokens but a row has seq_len={seq_len}')
+  fields = {name: np.zeros(seq_len, dtype) for name, dtype in (
+      ('tokens', np.int32), ('modality', np.int8), ('segment_ids', np.int32),
+      ('positions', np.int32))}
+  if used:
+    fields['tokens'][:used] = np.concatenate(tokens)
+    fields['modality'][:used] = np.concatenate(modality)
+    fields['segment_ids'][:used] = np.repeat(np.arange(1, len(tokens) + 1), lengths)
+    fields['positions'][:used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  segment_ids = fields['segment_ids']
+  has_target = np.zeros(seq_len, bool)
+  has_target[:-1] = (segment_ids[:-1] != 0) & (segment_ids[1:] == segment_ids[:-1])
+  target_is_text = np.append(fields['modality'][1:] == Modality.TEXT, False)
+  fields['targets'] = np.where(has_target, np.roll(fields['tokens'], -1), 0).astype(np.int32)
+  fields['loss_mask'] = (has_target & target_is_text).astype(np.float32)
+  return fields
+
+
 def _pack_row(examples: Sequence[FlatExample], seq_len: int, patches_PI: np.ndarray,
               audio_AI: np.ndarray) -> dict[str, np.ndarray]:
   """Per-position fields ``[T]`` of one row; fills the row's ``patches_PI`` and ``audio_AI``."""
-  lengths = np.array([len(example.tokens) for example in examples], np.int64)
-  used = int(lengths.sum())
-  tokens, modality = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int8)
-  segment_ids, positions = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32)
-  if examples:
-    tokens[:used] = np.concatenate([example.tokens for example in examples])
-    modality[:used] = np.concatenate([example.modality for example in examples])
-    segment_ids[:used] = np.repeat(np.arange(1, len(examples) + 1), lengths)
-    positions[:used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
   for name, out in (('patches', patches_PI), ('audio', audio_AI)):
     stacked = [getattr(example, name) for example in examples if len(getattr(example, name))]
     if stacked:
       stacked = np.concatenate(stacked)
       out[:len(stacked)] = stacked
-  has_target = np.zeros(seq_len, bool)
-  has_target[:-1] = (segment_ids[:-1] != 0) & (segment_ids[1:] == segment_ids[:-1])
-  target_is_text = np.append(modality[1:] == Modality.TEXT, False)
-  return dict(tokens=tokens, modality=modality, segment_ids=segment_ids, positions=positions,
-              targets=np.where(has_target, np.roll(tokens, -1), 0).astype(np.int32),
-              loss_mask=(has_target & target_is_text).astype(np.float32))
+  return row_fields([example.tokens for example in examples],
+                    [example.modality for example in examples], seq_len)
 
 
 def pack_examples(examples: Sequence[FlatExample], *, batch_size: int, seq_len: int,
