@@ -25,6 +25,7 @@ from gemini_mini.layers.attention_kernels import (
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.rope import apply_rope
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -9,7 +9,6 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -1,6 +1,5 @@
 """The training objective against numpy, and exact gradient accumulation."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,6 @@
 during an asynchronous save, Ctrl-C, a non-finite loss, and bad flags."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
