@@ -1,7 +1,11 @@
 """Checkpoints: round trip, keep-last-K, incompatible configs refused by field, bad files."""
 
 import dataclasses
+import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -88,3 +92,14 @@ def test_an_unfinished_save_is_ignored(tmp_path):
   shutil.copytree(tmp_path / '1', tmp_path / '2.orbax-checkpoint-tmp-1234')
   step, _, data_state = Checkpointer(tmp_path, keep=3, config=CONFIG.to_dict()).restore(abstract)
   assert step == 1 and data_state == {'position': 1}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  # Saved on (data 2 x fsdp 4), restored onto (fsdp 2 x expert 2 x tensor 2) of 8 fake devices.
+  script = pathlib.Path(__file__).with_name('mesh_restore.py')
+  result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, check=True)
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['all_equal'] and report['all_placed_as_asked']
+  assert report['differently_sharded_leaves'] > 0
