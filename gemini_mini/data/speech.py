@@ -1,0 +1,327 @@
+"""TFDS builder of synthetic speech: real sentences read aloud by espeak-ng at 16 kHz.
+
+Sentences: every distinct sentence of 3 to 15 words in the Debian fortunes (read through
+``sources``), kept only if it starts with a capital, ends with ``.``, ``!`` or ``?`` and holds
+nothing but ASCII letters, spaces and ``,;:'!?.-`` (no digits, quotes or ``--``
+attributions), so the transcript says exactly what is spoken. Duplicates (ignoring case)
+are dropped; about 14k sentences remain.
+
+Splits, disjoint in sentences AND voices by construction:
+  ``eval``: sentences whose hash (of the lower-cased text) falls in 10%, read by voices that
+    training never hears: every variant of the ``en-029`` (Caribbean) accent, and the
+    ``m3`` and ``f3`` variants of every accent.
+  ``train``: the other sentences, read by the other voices (7 accents x 10 variants).
+Each split keeps its ``num_examples`` sentences with the smallest selection hash, so the
+``small`` config's sentences are a subset of ``full``'s and neither changes between builds.
+Each sentence's voice, speed (140-190 words a minute) and pitch (25-75) come from an RNG
+seeded by the sentence's hash: the same audio on every build, whatever the thread order.
+
+Configs: ``small`` (32 train + 16 eval examples, 2.6 minutes of audio, 5 MB, built in about
+3 s) and ``full`` (3000 + 300, 2.8 hours of audio, 292 MB; about 80 CPU seconds, 75 s on 2
+shared cores, ~1 GB peak memory, mostly TFDS's split writer).
+
+Features: ``audio`` int16 PCM samples at 16 kHz, mono, shape ``[N]``; ``transcript``;
+``voice`` (``'en-gb-scotland+f2'``, an espeak-ng ``-v`` argument); ``speed``, ``pitch``
+(int32, espeak-ng's ``-s`` and ``-p``); ``sentence_id`` (``'<fortune file>/<fortune>/<n>'``,
+unique; also the example key). ``file_format='array_record'``: no TensorFlow needed; read
+with ``builder.as_data_source(split)``; scale ``audio`` by 1/32768 for ``audio.log_mel``.
+
+Needs the Debian packages ``espeak-ng``, ``sox`` and ``fortunes``: a missing one raises
+``sources.MissingSourceError`` with the ``apt-get install`` line. A sentence whose synthesis
+fails is skipped, never a crash: the info's metadata holds per split ``requested``,
+``num_examples``, ``skipped`` (with ``skipped_ids``), ``audio_seconds`` and ``voices``.
+
+Build: ``python -m gemini_mini.data.speech [--subset small] [--data-dir DIR]``.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from gemini_mini.data import sources
+from gemini_mini.modalities import audio as audio_lib
+
+NAME = 'speech_transcripts'
+SAMPLE_RATE = audio_lib.SAMPLE_RATE
+SPLITS = ('train', 'eval')
+NUM_EXAMPLES = {'small': {'train': 32, 'eval': 16}, 'full': {'train': 3000, 'eval': 300}}
+EVAL_PER_MILLE = 100
+MIN_WORDS, MAX_WORDS = 3, 15
+
+ACCENTS = ('en', 'en-us', 'en-gb-scotland', 'en-gb-x-gbclan', 'en-gb-x-rp', 'en-gb-x-gbcwmd',
+           'en-us-nyc', 'en-029')
+VARIANTS = ('m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7', 'f1', 'f2', 'f3', 'f4', 'f5')
+EVAL_ACCENTS = ('en-029',)        # a whole accent training never hears
+EVAL_VARIANTS = ('m3', 'f3')      # and two timbres, in every accent
+SPEED_RANGE = (140, 190)          # espeak-ng -s, words a minute (default 175), inclusive
+PITCH_RANGE = (25, 75)            # espeak-ng -p, 0..99 (default 50), inclusive
+SOX_GAIN = '0.9'                  # keeps resampling from clipping
+
+TOOLS = {'espeak-ng': 'espeak-ng', 'sox': 'sox'}  # command -> Debian package
+_FORTUNES = next(source for source in sources.CORPUS_SOURCES if source.name == 'fortunes')
+_SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
+_SPEAKABLE = re.compile(r"[A-Z][A-Za-z ,;:'!?.-]*[.!?]")
+
+Sentence = tuple[str, str]  # (sentence_id, text)
+
+
+class SynthesisError(RuntimeError):
+  """espeak-ng or sox failed on one sentence; the builder counts it as a skip."""
+
+
+def _hash(salt: str, text: str) -> int:
+  return int.from_bytes(hashlib.sha256(f'{salt}:{text}'.encode()).digest()[:8], 'little')
+
+
+def _dedup_key(text: str) -> str:
+  return ' '.join(text.lower().split())
+
+
+def is_speakable(sentence: str) -> bool:
+  """Whether ``sentence`` is kept: 3-15 words, capitalised, ended, plain ASCII letters."""
+  return (MIN_WORDS <= len(sentence.split()) <= MAX_WORDS and '--' not in sentence
+          and _SPEAKABLE.fullmatch(sentence) is not None)
+
+
+def sentences(skipped: collections.Counter | None = None) -> Iterator[Sentence]:
+  """Every distinct speakable fortune sentence, ``(sentence_id, text)``, in a fixed order.
+
+  ``text`` has its whitespace collapsed to single spaces; a sentence equal (ignoring case
+  and spacing) to an earlier one is dropped. Unreadable fortune files are counted in
+  ``skipped['fortunes']`` by the ``sources`` reader.
+  """
+  seen = set()
+  for name, fortune in _FORTUNES.read(collections.Counter() if skipped is None else skipped):
+    for index, sentence in enumerate(_SENTENCE_END.split(' '.join(fortune.split()))):
+      key = _dedup_key(sentence)
+      if is_speakable(sentence) and key not in seen:
+        seen.add(key)
+        yield f'{name}/{index}', sentence
+
+
+def split_of(text: str) -> str:
+  """``'eval'`` for 10% of sentences, chosen by a hash of the lower-cased text; else ``'train'``."""
+  return 'eval' if _hash('split', _dedup_key(text)) % 1000 < EVAL_PER_MILLE else 'train'
+
+
+def voices(split: str) -> tuple[str, ...]:
+  """The espeak-ng voices (``'accent+variant'``) of ``split``; train and eval share none."""
+  if split not in SPLITS:
+    raise ValueError(f'split {split!r} is unknown; use one of {SPLITS}')
+  return tuple(f'{accent}+{variant}' for accent in ACCENTS for variant in VARIANTS
+               if (accent in EVAL_ACCENTS or variant in EVAL_VARIANTS) == (split == 'eval'))
+
+
+def reading_of(text: str, split: str) -> tuple[str, int, int]:
+  """``(voice, speed, pitch)`` for a sentence of ``split``, from an RNG seeded by its text."""
+  rng = np.random.default_rng(_hash('voice', _dedup_key(text)))
+  split_voices = voices(split)
+  voice = split_voices[rng.integers(len(split_voices))]
+  return (voice, int(rng.integers(SPEED_RANGE[0], SPEED_RANGE[1] + 1)),
+          int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1)))
+
+
+def select(subset: str, skipped: collections.Counter | None = None) -> dict[str, list[Sentence]]:
+  """The sentences of each split for ``subset``: the ``NUM_EXAMPLES`` with the smallest
+  selection hash, in that order (so ``small``'s are the first of ``full``'s)."""
+  if subset not in NUM_EXAMPLES:
+    raise ValueError(f"subset {subset!r} is unknown; use 'full' or 'small'")
+  by_split = {split: [] for split in SPLITS}
+  for sentence_id, text in sentences(skipped):
+    by_split[split_of(text)].append((sentence_id, text))
+  return {split: sorted(found, key=lambda item: _hash('select', _dedup_key(item[1])))
+          [:NUM_EXAMPLES[subset][split]] for split, found in by_split.items()}
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int,
+               timeout_s: float = 60.0) -> np.ndarray:
+  """``text`` read by espeak-ng -> int16 samples ``[N]``, 16 kHz mono (resampled by sox).
+
+  The text goes through stdin, so nothing in it is read as an option.
+
+  Raises:
+    SynthesisError: either tool fails, times out or produces no audio (message says which).
+  """
+  espeak = ['espeak-ng', '-v', voice, '-s', str(speed), '-p', str(pitch), '--stdout']
+  sox = ['sox', '-v', SOX_GAIN, '-t', 'wav', '-', '-r', str(SAMPLE_RATE), '-c', '1', '-b', '16',
+         '-e', 'signed-integer', '-L', '-t', 'raw', '-']
+  wav = b''
+  for command, data in ((espeak, text.encode()), (sox, None)):
+    try:
+      result = subprocess.run(command, input=wav if data is None else data,
+                              capture_output=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+      raise SynthesisError(f'`{" ".join(command)}` failed on {text!r}: {error}') from error
+    if result.returncode or not result.stdout:
+      raise SynthesisError(
+          f'`{" ".join(command)}` failed on {text!r} (exit {result.returncode}, '
+          f'{len(result.stdout)} bytes out): {result.stderr.decode(errors="replace").strip()}')
+    wav = result.stdout
+  return np.frombuffer(wav[:len(wav) // 2 * 2], '<i2').astype(np.int16)
+
+
+def _missing_packages() -> list[str]:
+  missing = {package for tool, package in TOOLS.items() if not shutil.which(tool)}
+  if not os.path.exists(_FORTUNES.probe):
+    missing.add(_FORTUNES.apt_package)
+  return sorted(missing)
+
+
+def install_missing() -> None:
+  """Installs missing Debian packages with apt-get when running as root (CI, containers);
+  otherwise leaves them to ``check_installed``'s message."""
+  missing = _missing_packages()
+  if not missing or os.geteuid() != 0 or not shutil.which('apt-get'):
+    return
+  print(f'installing Debian packages for speech: {" ".join(missing)}', flush=True)
+  env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
+  subprocess.run(['apt-get', 'update', '-qq'], env=env, check=False)
+  subprocess.run(['apt-get', 'install', '-y', '-qq', *missing], env=env, check=False,
+                 stdout=subprocess.DEVNULL)
+
+
+def check_installed() -> None:
+  """Raises ``sources.MissingSourceError`` naming every missing tool or package and the
+  line that installs them (``sudo apt-get install -y espeak-ng sox`` for the tools)."""
+  missing = _missing_packages()
+  if missing:
+    raise sources.MissingSourceError(
+        f'speech synthesis needs {", ".join(missing)} (not found on PATH or disk); install '
+        f'them with: sudo apt-get install -y {" ".join(missing)}')
+
+
+class SpeechTranscripts(tfds.core.GeneratorBasedBuilder):
+  """Synthetic speech of real sentences; see the module docstring for splits and features."""
+
+  name = NAME
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Fortune sentences read by espeak-ng, voice-disjoint eval.'}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name='full', description='3000 train + 300 eval examples'),
+      tfds.core.BuilderConfig(name='small', description='32 train + 16 eval, for tests/CI'),
+  ]
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            'audio': tfds.features.Tensor(shape=(None,), dtype=np.int16),
+            'transcript': tfds.features.Text(),
+            'voice': tfds.features.Text(),
+            'speed': tfds.features.Tensor(shape=(), dtype=np.int32),
+            'pitch': tfds.features.Tensor(shape=(), dtype=np.int32),
+            'sentence_id': tfds.features.Text(),
+        }),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    check_installed()
+    source_skipped = collections.Counter()
+    selected = select(self.builder_config.name, source_skipped)
+    self.info.metadata['sample_rate'] = SAMPLE_RATE
+    self.info.metadata['unreadable_fortune_files'] = source_skipped['fortunes']
+    return {split: self._generate_examples(split, selected[split]) for split in SPLITS}
+
+  def _generate_examples(self, split: str, selected: list[Sentence]):
+    """Yields ``(sentence_id, example)`` for ``split``; records its counts in the metadata."""
+    stats = {'requested': len(selected), 'num_examples': 0, 'skipped': 0, 'skipped_ids': [],
+             'audio_seconds': 0.0, 'voices': []}
+    readings = [reading_of(text, split) for _, text in selected]
+
+    def run(index):
+      try:
+        return synthesize(selected[index][1], *readings[index])
+      except SynthesisError as error:
+        return error
+
+    def synthesized():  # in order, at most `chunk` clips in memory at a time
+      workers = os.cpu_count() or 2
+      chunk = 8 * workers
+      with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(selected), chunk):
+          yield from pool.map(run, range(start, min(start + chunk, len(selected))))
+
+    heard = set()
+    for (sentence_id, text), (voice, speed, pitch), samples in zip(
+        selected, readings, synthesized()):
+      if isinstance(samples, SynthesisError):
+        print(f'skipped {sentence_id}: {samples}', file=sys.stderr, flush=True)
+        stats['skipped'] += 1
+        stats['skipped_ids'].append(sentence_id)
+        continue
+      stats['num_examples'] += 1
+      stats['audio_seconds'] += len(samples) / SAMPLE_RATE
+      heard.add(voice)
+      yield sentence_id, {'audio': samples, 'transcript': text, 'voice': voice,
+                          'speed': speed, 'pitch': pitch, 'sentence_id': sentence_id}
+    stats['audio_seconds'] = round(stats['audio_seconds'], 1)
+    stats['voices'] = sorted(heard)
+    self.info.metadata[split] = stats
+
+
+def builder(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
+  """The builder for ``subset`` (``'full'`` or ``'small'``) in ``data_dir`` (built or not)."""
+  if subset not in NUM_EXAMPLES:
+    raise ValueError(f"subset {subset!r} is unknown; use 'full' or 'small'")
+  return SpeechTranscripts(data_dir=data_dir, config=subset)
+
+
+def ensure(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
+  """Builds ``subset`` under ``data_dir`` unless it is there; returns its builder.
+
+  Raises:
+    sources.MissingSourceError: espeak-ng, sox or fortunes is missing (with the apt line).
+  """
+  root = pathlib.Path(data_dir)
+  root.mkdir(parents=True, exist_ok=True)
+  ignore = root / '.gitignore'  # prepared data never belongs in git
+  if not ignore.exists():
+    ignore.write_text('*\n')
+  speech = builder(data_dir, subset)
+  if not speech.is_prepared():
+    install_missing()
+    check_installed()
+    speech.download_and_prepare()
+  return speech
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--subset', choices=tuple(NUM_EXAMPLES), default='full')
+  parser.add_argument('--data-dir', default='data', help='where datasets go (data.dir)')
+  args = parser.parse_args(argv)
+  start = time.time()
+  try:
+    speech = ensure(args.data_dir, args.subset)
+  except sources.MissingSourceError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  for split in SPLITS:
+    stats = speech.info.metadata[split]
+    print(f'{split:5} {stats["num_examples"]:>6,} examples {stats["audio_seconds"]:>9,.0f} s '
+          f'of audio, {len(stats["voices"])} voices, {stats["skipped"]} skipped')
+  print(f'{NAME}/{args.subset} ready in {speech.data_dir} ({time.time() - start:.0f} s)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
