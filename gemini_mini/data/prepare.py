@@ -1,7 +1,8 @@
 """Prepares every dataset: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]``.
 
-Builds what is missing under DIR (default ``data``) with progress bars, then prints
-documents and tokens per split and source. Needs the Debian packages in
+Builds what is missing under DIR (default ``data``) with progress bars: the text corpus
+(then prints documents and tokens per split and source) and the speech-transcript pairs
+(``speech.py``; examples, seconds of audio and voices per split). Needs the Debian packages in
 ``sources.APT_PACKAGES``: run as root it installs missing ones with apt-get, otherwise it
 exits with the ``apt-get install`` line.
 ``--subset small`` builds a 2% sample in seconds (tests, CI). ``ensure()`` is the same
@@ -13,7 +14,7 @@ import pathlib
 import sys
 import time
 
-from gemini_mini.data import sources, text_corpus
+from gemini_mini.data import sources, speech, text_corpus
 
 SUBSETS = ('full', 'small')
 
@@ -56,15 +57,20 @@ def main(argv=None) -> int:
   parser.add_argument('--subset', choices=SUBSETS, default='full')
   parser.add_argument('--data-dir', default='data', help='where datasets go (data.dir)')
   args = parser.parse_args(argv)
-  start = time.time()
   try:
+    start = time.time()
     builder = ensure(args.data_dir, args.subset)
+    print(summary(builder))
+    print(f'text_corpus/{args.subset} ready in {builder.data_dir} ({time.time() - start:.0f} s); '
+          'tokens counted with the shipped tokenizer, without bos/eos')
+    start = time.time()
+    speech_builder = speech.ensure(args.data_dir, args.subset)
+    print(speech.summary(speech_builder))
+    print(f'{speech.NAME}/{args.subset} ready in {speech_builder.data_dir} '
+          f'({time.time() - start:.0f} s)')
   except (sources.MissingSourceError, sources.CorruptSourceError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  print(summary(builder))
-  print(f'text_corpus/{args.subset} ready in {builder.data_dir} ({time.time() - start:.0f} s); '
-        'tokens counted with the shipped tokenizer, without bos/eos')
   return 0
 
 

@@ -31,10 +31,9 @@ Needs the Debian packages ``espeak-ng``, ``sox`` and ``fortunes``: a missing one
 fails is skipped, never a crash: the info's metadata holds per split ``requested``,
 ``num_examples``, ``skipped`` (with ``skipped_ids``), ``audio_seconds`` and ``voices``.
 
-Build: ``python -m gemini_mini.data.speech [--subset small] [--data-dir DIR]``.
+Build: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]`` (with the text corpus).
 """
 
-import argparse
 import collections
 import concurrent.futures
 import hashlib
@@ -44,7 +43,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -304,24 +302,11 @@ def ensure(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
   return speech
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--subset', choices=tuple(NUM_EXAMPLES), default='full')
-  parser.add_argument('--data-dir', default='data', help='where datasets go (data.dir)')
-  args = parser.parse_args(argv)
-  start = time.time()
-  try:
-    speech = ensure(args.data_dir, args.subset)
-  except sources.MissingSourceError as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
+def summary(speech: SpeechTranscripts) -> str:
+  """Examples, seconds of audio, voices and skips per split, from the build's metadata."""
+  lines = []
   for split in SPLITS:
     stats = speech.info.metadata[split]
-    print(f'{split:5} {stats["num_examples"]:>6,} examples {stats["audio_seconds"]:>9,.0f} s '
-          f'of audio, {len(stats["voices"])} voices, {stats["skipped"]} skipped')
-  print(f'{NAME}/{args.subset} ready in {speech.data_dir} ({time.time() - start:.0f} s)')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+    lines.append(f'{split:5} {stats["num_examples"]:>6,} examples {stats["audio_seconds"]:>9,.0f} s '
+                 f'of audio, {len(stats["voices"])} voices, {stats["skipped"]} skipped')
+  return '\n'.join(lines)

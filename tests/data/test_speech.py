@@ -4,7 +4,7 @@ int16 audio of a plausible length, audio features, clear errors and counted skip
 import numpy as np
 import pytest
 
-from gemini_mini.data import sources, speech
+from gemini_mini.data import prepare, sources, speech
 from gemini_mini.modalities import audio as audio_lib
 
 
@@ -92,7 +92,7 @@ def test_missing_tool_names_the_apt_line(monkeypatch, tmp_path, capsys):
   with pytest.raises(sources.MissingSourceError, match='apt-get install -y espeak-ng sox$'):
     speech.check_installed()
   monkeypatch.setattr(speech.os, 'geteuid', lambda: 1000)  # never apt-get from a test
-  assert speech.main(['--subset', 'small', '--data-dir', str(tmp_path / 'data')]) == 1
+  assert prepare.main(['--subset', 'small', '--data-dir', str(tmp_path / 'data')]) == 1
   assert capsys.readouterr().err.strip().endswith('sudo apt-get install -y espeak-ng sox')
 
 
