@@ -175,18 +175,23 @@ def _missing() -> list[Source]:
           if source.probe and not os.path.exists(source.probe)]
 
 
-def install_missing() -> None:
-  """Installs missing Debian packages with apt-get when running as root (CI, containers,
-  TPU VMs under sudo); otherwise leaves them to ``check_installed``'s message."""
-  missing = _missing()
-  if not missing or os.geteuid() != 0 or not shutil.which('apt-get'):
+def apt_install(packages, purpose: str) -> None:
+  """Installs Debian ``packages`` with apt-get when running as root (CI, containers, TPU VMs
+  under sudo); otherwise does nothing and leaves the caller's ``check_installed`` to print
+  the line to run."""
+  if not packages or os.geteuid() != 0 or not shutil.which('apt-get'):
     return
-  packages = sorted({source.apt_package for source in missing if source.apt_package})
-  print(f'installing Debian packages for the text corpus: {" ".join(packages)}', flush=True)
+  print(f'installing Debian packages for {purpose}: {" ".join(packages)}', flush=True)
   env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
   subprocess.run(['apt-get', 'update', '-qq'], env=env, check=False)
   subprocess.run(['apt-get', 'install', '-y', '-qq', *packages], env=env, check=False,
                  stdout=subprocess.DEVNULL)
+
+
+def install_missing() -> None:
+  """Installs the missing text sources' packages (see ``apt_install``)."""
+  apt_install(sorted({source.apt_package for source in _missing() if source.apt_package}),
+              'the text corpus')
 
 
 def check_installed() -> None:

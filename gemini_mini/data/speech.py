@@ -178,16 +178,8 @@ def _missing_packages() -> list[str]:
 
 
 def install_missing() -> None:
-  """Installs missing Debian packages with apt-get when running as root (CI, containers);
-  otherwise leaves them to ``check_installed``'s message."""
-  missing = _missing_packages()
-  if not missing or os.geteuid() != 0 or not shutil.which('apt-get'):
-    return
-  print(f'installing Debian packages for speech: {" ".join(missing)}', flush=True)
-  env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
-  subprocess.run(['apt-get', 'update', '-qq'], env=env, check=False)
-  subprocess.run(['apt-get', 'install', '-y', '-qq', *missing], env=env, check=False,
-                 stdout=subprocess.DEVNULL)
+  """Installs the missing speech tools' packages (see ``sources.apt_install``)."""
+  sources.apt_install(_missing_packages(), 'speech')
 
 
 def check_installed() -> None:
