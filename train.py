@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from gemini_mini import config as config_lib
+from gemini_mini.data.mixture import DataError
 from gemini_mini.data.sources import CorruptSourceError, MissingSourceError
-from gemini_mini.data.text_batches import DataError
 from gemini_mini.train.checkpoint import CheckpointError
 from gemini_mini.train.loop import NonFiniteLoss, run
 

@@ -82,17 +82,36 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Static per-row item counts of the batch contract (``Batch.patches`` / ``Batch.audio``)."""
+  """The training mixture (``data/mixture.py``) and the per-row item counts of the batch
+  contract (``Batch.patches`` / ``Batch.audio``).
+
+  ``{task}_weight`` is the probability, once normalised, that an example is drawn from that
+  task (``data/tasks.py``): per example, not per token. A task of weight 0 is never read, so
+  its dataset need not be prepared.
+  """
 
   dir: str = 'data'            # prepared datasets (python -m gemini_mini.data.prepare)
-  subset: Literal['full', 'small'] = 'full'  # 'small': a 2% sample that builds in seconds
-  num_patches: int = 64        # P: image patches per row
-  num_audio_frames: int = 64   # A: audio frames per row
+  subset: Literal['full', 'small'] = 'full'  # 'small': a tiny sample that builds in seconds
+  num_patches: int = 320       # P: image patches per row (16 per 32 x 32 image or frame)
+  num_audio_frames: int = 256  # A: audio frames per row (40 ms each)
+  text_weight: float = 0.55    # documents of the text corpus
+  caption_weight: float = 0.15  # image -> caption
+  speech_weight: float = 0.15  # audio -> transcript
+  video_weight: float = 0.15   # video -> the word shown in one frame, and when
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):
       _require(getattr(self, name) > 0, f'data.{name}', f'must be positive, got {getattr(self, name)}')
     _require(bool(self.dir), 'data.dir', 'must name a directory')
+    for name, weight in self.weights().items():
+      _require(weight >= 0, f'data.{name}_weight', f'must be >= 0 (0 = unused), got {weight}')
+    _require(sum(self.weights().values()) > 0, 'data.text_weight',
+             'every task weight is 0; give at least one task a positive weight')
+
+  def weights(self) -> dict[str, float]:
+    """Task name -> weight, e.g. ``{'text': 0.55, 'caption': 0.15, ...}``."""
+    return {f.name.removesuffix('_weight'): getattr(self, f.name)
+            for f in dataclasses.fields(self) if f.name.endswith('_weight')}
 
 
 @dataclasses.dataclass(frozen=True)

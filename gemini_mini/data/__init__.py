@@ -1,5 +1,6 @@
-"""Real local data: sources, the TFDS text corpus, packing and the resumable iterator.
+"""Real local data: sources, TFDS builders, the training tasks and the resumable mixture.
 
-``python -m gemini_mini.data.prepare [--subset small]`` builds the datasets;
-``TextBatches`` reads them as ``gemini_mini.Batch``es.
+``python -m gemini_mini.data.prepare [--subset small]`` builds the datasets; ``tasks``
+turns their records into examples; ``mixture.Mixture`` packs a weighted mix of them into
+``gemini_mini.Batch``es.
 """

@@ -1,12 +1,13 @@
 """Prepares every dataset: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]``.
 
-Builds what is missing under DIR (default ``data``) with progress bars: the text corpus
-(then prints documents and tokens per split and source) and the speech-transcript pairs
-(``speech.py``; examples, seconds of audio and voices per split). Needs the Debian packages in
-``sources.APT_PACKAGES``: run as root it installs missing ones with apt-get, otherwise it
-exits with the ``apt-get install`` line.
-``--subset small`` builds a 2% sample in seconds (tests, CI). ``ensure()`` is the same
-for code (``train.py`` calls it on first use).
+Builds what is missing under DIR (default ``data``), one dataset per training task
+(``tasks.TASKS``): the text corpus (``text_corpus``), image-caption pairs
+(``image_caption``), speech-transcript pairs (``speech``) and video clips (``video_clips``),
+with progress bars, then prints each one's summary (examples, tokens or seconds per split)
+and build time. Needs Debian packages (fonts, espeak-ng, documentation): run as root it
+installs missing ones with apt-get, otherwise it exits with the ``apt-get install`` line.
+``--subset small`` builds tiny samples in seconds (tests, CI). ``ensure()`` is the same for
+code (``train.py`` calls it on first use, for the tasks its mixture uses).
 """
 
 import argparse
@@ -14,13 +15,18 @@ import pathlib
 import sys
 import time
 
-from gemini_mini.data import sources, speech, text_corpus
+from gemini_mini.data import image_caption, sources, speech, text_corpus, video_clips
 
 SUBSETS = ('full', 'small')
+# Task name -> its dataset module, which provides builder(data_dir, subset),
+# install_missing(), check_installed() and summary(builder).
+DATASETS = {'text': text_corpus, 'caption': image_caption, 'speech': speech,
+            'video': video_clips}
 
 
-def ensure(data_dir: str, subset: str = 'full') -> text_corpus.TextCorpus:
-  """Builds the text corpus ``subset`` under ``data_dir`` unless it is there; returns it.
+def ensure_dataset(module, data_dir: str, subset: str = 'full'):
+  """Builds ``module``'s dataset ``subset`` under ``data_dir`` unless it is there; returns
+  its builder.
 
   Raises:
     sources.MissingSourceError: a Debian package is missing (the message has the apt line).
@@ -30,26 +36,30 @@ def ensure(data_dir: str, subset: str = 'full') -> text_corpus.TextCorpus:
   ignore = root / '.gitignore'  # prepared data never belongs in git
   if not ignore.exists():
     ignore.write_text('*\n')
-  builder = text_corpus.builder(data_dir, subset)
+  builder = module.builder(data_dir, subset)
   if not builder.is_prepared():
-    sources.install_missing()
-    sources.check_installed()
+    module.install_missing()
+    module.check_installed()
     builder.download_and_prepare()
   return builder
 
 
-def summary(builder: text_corpus.TextCorpus) -> str:
-  """A table of documents and tokens per split and source, from the build's metadata."""
-  lines = [f'{"split":6} {"source":14} {"documents":>10} {"tokens":>12} {"skipped":>8}']
-  for split in ('train', 'eval', 'long'):
-    stats = builder.info.metadata[split]
-    for source, counts in stats.items():
-      lines.append(f'{split:6} {source:14} {counts["num_documents"]:>10,} '
-                   f'{counts["num_tokens"]:>12,} {counts["skipped"]:>8,}')
-    documents = sum(counts['num_documents'] for counts in stats.values())
-    tokens = sum(counts['num_tokens'] for counts in stats.values())
-    lines.append(f'{split:6} {"all":14} {documents:>10,} {tokens:>12,}')
-  return '\n'.join(lines)
+def ensure(data_dir: str, subset: str = 'full', weights: dict[str, float] | None = None,
+           *, verbose: bool = False) -> dict:
+  """Builds the datasets of the tasks with a positive weight (all when ``weights`` is None).
+
+  Returns:
+    Task name -> its dataset's builder.
+  """
+  built = {}
+  for task, module in DATASETS.items():
+    if weights is None or weights.get(task, 0) > 0:
+      start = time.time()
+      built[task] = ensure_dataset(module, data_dir, subset)
+      if verbose:
+        print(f'{module.NAME}/{subset} ({task} task), {built[task].data_dir}, ready in '
+              f'{time.time() - start:.0f} s:\n{module.summary(built[task])}\n', flush=True)
+  return built
 
 
 def main(argv=None) -> int:
@@ -58,16 +68,7 @@ def main(argv=None) -> int:
   parser.add_argument('--data-dir', default='data', help='where datasets go (data.dir)')
   args = parser.parse_args(argv)
   try:
-    start = time.time()
-    builder = ensure(args.data_dir, args.subset)
-    print(summary(builder))
-    print(f'text_corpus/{args.subset} ready in {builder.data_dir} ({time.time() - start:.0f} s); '
-          'tokens counted with the shipped tokenizer, without bos/eos')
-    start = time.time()
-    speech_builder = speech.ensure(args.data_dir, args.subset)
-    print(speech.summary(speech_builder))
-    print(f'{speech.NAME}/{args.subset} ready in {speech_builder.data_dir} '
-          f'({time.time() - start:.0f} s)')
+    ensure(args.data_dir, args.subset, verbose=True)
   except (sources.MissingSourceError, sources.CorruptSourceError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1

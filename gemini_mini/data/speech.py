@@ -31,14 +31,13 @@ Needs the Debian packages ``espeak-ng``, ``sox`` and ``fortunes``: a missing one
 fails is skipped, never a crash: the info's metadata holds per split ``requested``,
 ``num_examples``, ``skipped`` (with ``skipped_ids``), ``audio_seconds`` and ``voices``.
 
-Build: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]`` (with the text corpus).
+Build: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]`` (with the others).
 """
 
 import collections
 import concurrent.futures
 import hashlib
 import os
-import pathlib
 import re
 import shutil
 import subprocess
@@ -273,25 +272,6 @@ def builder(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
   if subset not in NUM_EXAMPLES:
     raise ValueError(f"subset {subset!r} is unknown; use 'full' or 'small'")
   return SpeechTranscripts(data_dir=data_dir, config=subset)
-
-
-def ensure(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
-  """Builds ``subset`` under ``data_dir`` unless it is there; returns its builder.
-
-  Raises:
-    sources.MissingSourceError: espeak-ng, sox or fortunes is missing (with the apt line).
-  """
-  root = pathlib.Path(data_dir)
-  root.mkdir(parents=True, exist_ok=True)
-  ignore = root / '.gitignore'  # prepared data never belongs in git
-  if not ignore.exists():
-    ignore.write_text('*\n')
-  speech = builder(data_dir, subset)
-  if not speech.is_prepared():
-    install_missing()
-    check_installed()
-    speech.download_and_prepare()
-  return speech
 
 
 def summary(speech: SpeechTranscripts) -> str:

@@ -100,3 +100,22 @@ def builder(data_dir: str, subset: str = 'full') -> TextCorpus:
   if subset not in ('full', 'small'):
     raise ValueError(f"subset {subset!r} is unknown; use 'full' or 'small'")
   return TextCorpus(data_dir=data_dir, config=subset)
+
+
+install_missing = sources.install_missing
+check_installed = sources.check_installed
+
+
+def summary(corpus: TextCorpus) -> str:
+  """A table of documents and tokens per split and source, from the build's metadata."""
+  lines = [f'{"split":6} {"source":14} {"documents":>10} {"tokens":>12} {"skipped":>8}']
+  for split in ('train', 'eval', 'long'):
+    stats = corpus.info.metadata[split]
+    for source, counts in stats.items():
+      lines.append(f'{split:6} {source:14} {counts["num_documents"]:>10,} '
+                   f'{counts["num_tokens"]:>12,} {counts["skipped"]:>8,}')
+    documents = sum(counts['num_documents'] for counts in stats.values())
+    tokens = sum(counts['num_tokens'] for counts in stats.values())
+    lines.append(f'{split:6} {"all":14} {documents:>10,} {tokens:>12,}')
+  lines.append('(tokens counted with the shipped tokenizer, without bos/eos)')
+  return '\n'.join(lines)

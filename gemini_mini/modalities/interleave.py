@@ -6,7 +6,8 @@ each audio clip as ``<begin_audio>`` + one ``<audio>`` placeholder per frame + `
 the brackets are text positions, the placeholders image/audio positions, and the patches and
 frames are kept in order of appearance.
 
-``pack_examples`` fills rows left to right with whole examples, in order (next fit: an
+``pack_rows`` lays out rows whose examples are already chosen (the training mixture,
+``data.mixture``, chooses them); ``pack_examples`` fills rows left to right with whole examples, in order (next fit: an
 example that does not fit in what is left of the row, in positions, patches or audio frames,
 starts the next row). Example k of a row is segment k + 1 with positions 0, 1, ...; padding
 is segment 0. ``targets`` is the next token of the same segment (0 elsewhere) and
@@ -139,16 +140,36 @@ def row_fields(tokens: Sequence[np.ndarray], modality: Sequence[np.ndarray], seq
   return fields
 
 
-def _pack_row(examples: Sequence[FlatExample], seq_len: int, patches_PI: np.ndarray,
-              audio_AI: np.ndarray) -> dict[str, np.ndarray]:
-  """Per-position fields ``[T]`` of one row; fills the row's ``patches_PI`` and ``audio_AI``."""
-  for name, out in (('patches', patches_PI), ('audio', audio_AI)):
-    stacked = [getattr(example, name) for example in examples if len(getattr(example, name))]
-    if stacked:
-      stacked = np.concatenate(stacked)
-      out[:len(stacked)] = stacked
-  return row_fields([example.tokens for example in examples],
-                    [example.modality for example in examples], seq_len)
+def pack_rows(rows: Sequence[Sequence[FlatExample]], *, seq_len: int, num_patches: int,
+              num_audio_frames: int, patch_dim: int, audio_dim: int) -> Batch:
+  """Lays out rows already chosen: row b holds ``rows[b]``'s examples left to right.
+
+  Args:
+    rows: per row, the examples (or text pieces) it holds, each its own segment; together
+      at most ``seq_len`` positions, ``num_patches`` patches and ``num_audio_frames`` frames.
+    seq_len, num_patches, num_audio_frames, patch_dim, audio_dim: T, P, A and item widths.
+
+  Returns:
+    A ``Batch`` of numpy arrays, B = len(rows): per-position fields ``[B, T]``
+    (``row_fields``), ``patches [B, P, patch_dim]`` and ``audio [B, A, audio_dim]`` holding
+    each row's items in order, zeros after them.
+  """
+  patches = np.zeros((len(rows), num_patches, patch_dim), np.float32)
+  audio = np.zeros((len(rows), num_audio_frames, audio_dim), np.float32)
+  fields = []
+  for b, row in enumerate(rows):
+    for name, out in (('patches', patches[b]), ('audio', audio[b])):
+      items = [getattr(example, name) for example in row if len(getattr(example, name))]
+      if items:
+        items = np.concatenate(items)
+        if len(items) > len(out):
+          raise ValueError(f'row {b} holds {len(items)} {name} items but a row has room for '
+                           f'{len(out)}; choose fewer examples for it')
+        out[:len(items)] = items
+    fields.append(row_fields([example.tokens for example in row],
+                             [example.modality for example in row], seq_len))
+  return Batch(**{name: np.stack([row[name] for row in fields]) for name in fields[0]},
+               patches=patches, audio=audio)
 
 
 def pack_examples(examples: Sequence[FlatExample], *, batch_size: int, seq_len: int,
@@ -163,10 +184,9 @@ def pack_examples(examples: Sequence[FlatExample], *, batch_size: int, seq_len: 
     patch_dim, audio_dim: the item widths (``model.patch_dim``, ``model.audio_dim``).
 
   Returns:
-    ``(batch, count)``: the batch (per-position fields ``[B, T]``, ``patches [B, P,
-    patch_dim]``, ``audio [B, A, audio_dim]``, zeros where unused) holds ``examples[:count]``
-    whole; ``examples[count:]`` did not fit in B rows and belong to the next batch. Rows
-    after the last used one are all padding. The batch passes ``batch.check_batch``.
+    ``(batch, count)``: the batch (``pack_rows``) holds ``examples[:count]`` whole;
+    ``examples[count:]`` did not fit in B rows and belong to the next batch. Rows after the
+    last used one are all padding. The batch passes ``batch.check_batch``.
 
   Raises:
     ValueError: naming the example that is empty or can never fit in a row.
@@ -188,9 +208,6 @@ def pack_examples(examples: Sequence[FlatExample], *, batch_size: int, seq_len: 
     used = tuple(u + n for u, n in zip(used, need))
     count += 1
   rows += [[] for _ in range(batch_size - len(rows))]
-  patches = np.zeros((batch_size, num_patches, patch_dim), np.float32)
-  audio = np.zeros((batch_size, num_audio_frames, audio_dim), np.float32)
-  fields = [_pack_row(row, seq_len, patches[b], audio[b]) for b, row in enumerate(rows)]
-  batch = Batch(**{name: np.stack([row[name] for row in fields]) for name in fields[0]},
-                patches=patches, audio=audio)
+  batch = pack_rows(rows, seq_len=seq_len, num_patches=num_patches,
+                    num_audio_frames=num_audio_frames, patch_dim=patch_dim, audio_dim=audio_dim)
   return batch, count

@@ -22,13 +22,18 @@ from tqdm import tqdm
 from gemini_mini import parallel
 from gemini_mini.config import Config, ConfigError
 from gemini_mini.data import prepare
-from gemini_mini.data.text_batches import TextBatches
+from gemini_mini.data.mixture import Mixture
 from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.step import (
-    abstract_train_state, init_train_state, jit_steps, make_eval_step, make_train_step)
+  abstract_train_state,
+  init_train_state,
+  jit_steps,
+  make_eval_step,
+  make_train_step,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,21 +75,21 @@ class StopRequest:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
-def make_data(config: Config, split: str) -> TextBatches:
-  """This process's share of the ``split`` batches."""
+def make_data(config: Config, split: str) -> Mixture:
+  """This process's share of the ``split`` batches of the configured task mixture."""
   m, d, t = config.model, config.data, config.train
-  return TextBatches(d.dir, split, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
-                     process_index=jax.process_index(), process_count=jax.process_count(),
-                     num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
-                     patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset)
+  return Mixture(d.dir, split, d.weights(), batch_size=t.batch_size, seq_len=t.seq_len,
+                 seed=t.seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
+                 patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset,
+                 process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def global_data_state(data: TextBatches) -> dict:
+def global_data_state(data: Mixture) -> dict:
   """The iterator state with every process's rows, so any process count can resume it."""
   state = data.get_state()
   if jax.process_count() > 1:
-    rows = multihost_utils.process_allgather(np.asarray(state['rows'], np.int64))
-    state['rows'] = rows.reshape(-1, 3).tolist()
+    rows = np.asarray(state['rows'], np.int64)
+    state['rows'] = multihost_utils.process_allgather(rows).reshape(-1, rows.shape[1]).tolist()
   return state
 
 
@@ -117,7 +122,7 @@ def run(config: Config) -> dict:
   checkpointer = Checkpointer(run_dir / 'checkpoints', keep=t.keep_checkpoints,
                               config=config.to_dict())
   if is_chief:  # builds the dataset on first use; the other processes wait for it
-    prepare.ensure(config.data.dir, config.data.subset)
+    prepare.ensure(config.data.dir, config.data.subset, config.data.weights())
   multihost_utils.sync_global_devices('data prepared')
   train_data = make_data(config, 'train')
   graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
@@ -165,6 +170,8 @@ def run(config: Config) -> dict:
         seconds_per_step = np.mean(step_seconds) if step_seconds else float('nan')
         values['tokens_per_s'] = t.batch_size * t.seq_len / seconds_per_step
         values['mfu'] = flops_per_step / seconds_per_step / peak_flops
+        values.update({f'data/{name}_share': share
+                       for name, share in train_data.position_shares().items()})
         step_seconds = []
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
           values.update(evaluate(eval_step, state.params, config, mesh, weights))

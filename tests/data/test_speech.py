@@ -18,7 +18,7 @@ def _read(builder):
 @pytest.fixture(scope='module')
 def small(tmp_path_factory):
   """The small config, built once for this module: ``(examples by split, metadata)``."""
-  builder = speech.ensure(str(tmp_path_factory.mktemp('speech')), 'small')
+  builder = prepare.ensure_dataset(speech, str(tmp_path_factory.mktemp('speech')), 'small')
   return _read(builder), builder.info.metadata
 
 
@@ -108,7 +108,7 @@ def test_failed_synthesis_is_a_counted_skip(monkeypatch, tmp_path):
     return np.ones(1600 * len(text.split()), np.int16)
 
   monkeypatch.setattr(speech, 'synthesize', fake_synthesize)
-  builder = speech.ensure(str(tmp_path), 'small')
+  builder = prepare.ensure_dataset(speech, str(tmp_path), 'small')
   stats = builder.info.metadata['eval']
   assert stats['skipped'] == 1 and stats['skipped_ids'] == [failing_id]
   assert stats['num_examples'] == builder.info.splits['eval'].num_examples == stats['requested'] - 1

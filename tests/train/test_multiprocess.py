@@ -49,4 +49,4 @@ def test_two_processes_match_one_process_on_the_same_global_mesh(small_data_dir,
     np.testing.assert_allclose(np.array(two[step], float), np.array(one[step], float), rtol=1e-5)
   # Every process saved its part of the checkpoints, which the data state covers in full.
   data_state = json.loads((tmp_path / 'two/checkpoints/4/data/metadata').read_text())
-  assert sorted(row for row, _, _ in data_state['rows']) == list(range(8))
+  assert sorted(row for row, *_ in data_state['rows']) == list(range(8))

@@ -1,0 +1,81 @@
+"""Next-token choice from logits ``[B, V]``: greedy, temperature, top-k, top-p (nucleus).
+
+``sample`` applies them in the usual order: divide by the temperature, keep the ``top_k``
+most likely tokens, keep the smallest set of those whose probability reaches ``top_p``
+(renormalised after top-k), then draw from the renormalised kept set. Temperature 0 is
+greedy. Every knob may be a traced scalar, so one compiled decode loop serves any setting;
+the filters therefore find their cut-off by sorting rather than with ``jax.lax.top_k``,
+whose ``k`` must be static. Tokens tied with the last kept logit are all kept.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def greedy(logits_BV: jax.Array) -> jax.Array:
+  """The most likely token of each row, ``tokens_B`` int32."""
+  return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+def apply_temperature(logits_BV: jax.Array, temperature) -> jax.Array:
+  """``logits_BV / temperature`` in float32; ``temperature`` > 0 (below 1 sharpens)."""
+  return logits_BV.astype(jnp.float32) / temperature
+
+
+def _keep_from(logits_BV: jax.Array, sorted_BV: jax.Array, count_B: jax.Array) -> jax.Array:
+  """Masks (to -inf) every logit below the ``count_B``-th largest, ``sorted_BV`` descending."""
+  threshold_B1 = jnp.take_along_axis(sorted_BV, count_B[:, None] - 1, axis=-1)
+  return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def top_k_logits(logits_BV: jax.Array, k) -> jax.Array:
+  """Keeps the ``k`` largest logits of each row, the rest -inf; ``k`` = 0 keeps all."""
+  vocab = logits_BV.shape[-1]
+  k = jnp.where(k > 0, jnp.minimum(k, vocab), vocab)
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  return _keep_from(logits_BV, sorted_BV, jnp.broadcast_to(k, logits_BV.shape[:1]))
+
+
+def top_p_logits(logits_BV: jax.Array, p) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose probability reaches ``p`` in (0, 1].
+
+  The most likely token is always kept; ``p`` = 1 keeps all (even where float rounding of
+  the running sum would drop the least likely tokens). -inf logits stay -inf.
+  """
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  probs_BV = jax.nn.softmax(sorted_BV.astype(jnp.float32), axis=-1)
+  # A token is needed while the tokens above it hold less than p: exclusive running sum.
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  count_B = jnp.maximum(jnp.sum(mass_before_BV < p, axis=-1), 1)
+  return jnp.where(p >= 1, logits_BV, _keep_from(logits_BV, sorted_BV, count_B))
+
+
+def filter_logits(logits_BV: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
+  """Temperature, then top-k, then top-p: the logits ``sample`` draws from (float32).
+
+  ``softmax`` of the result is the sampling distribution: the kept tokens' probabilities
+  renormalised, every other token exactly 0. Needs ``temperature`` > 0.
+  """
+  logits_BV = apply_temperature(logits_BV, temperature)
+  return top_p_logits(top_k_logits(logits_BV, top_k), top_p)
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, *, temperature=1.0, top_k=0, top_p=1.0
+           ) -> jax.Array:
+  """One token per row, ``tokens_B`` int32.
+
+  Args:
+    logits_BV: next-token logits.
+    key: a PRNG key; the same key gives the same tokens.
+    temperature: >= 0; 0 is greedy (``top_k`` and ``top_p`` then change nothing, since the
+      most likely token is always kept).
+    top_k: keep this many most likely tokens; 0 keeps all.
+    top_p: keep the smallest most-likely set whose probability reaches this, in (0, 1].
+  """
+  # Both branches are computed (the knobs may be traced); a dummy temperature of 1 keeps the
+  # unused sampling branch free of division by zero.
+  safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
+  filtered_BV = filter_logits(logits_BV, temperature=safe_temperature, top_k=top_k,
+                              top_p=top_p)
+  sampled_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled_B, greedy(logits_BV))

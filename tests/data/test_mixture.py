@@ -1,0 +1,222 @@
+"""Mixture: the batch contract, whole examples aligned with their images and audio, task
+weights, exact resume, process shards of one global batch, skips and errors."""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from gemini_mini.batch import Modality, check_batch
+from gemini_mini.config import DataConfig
+from gemini_mini.data import image_caption, mixture, tasks, text_corpus
+from gemini_mini.data.mixture import DataError, Mixture
+from gemini_mini.modalities import image as image_lib
+from gemini_mini.modalities.text import Tokenizer
+
+SHAPES = dict(num_patches=96, num_audio_frames=128, patch_dim=192, audio_dim=320)
+BATCH, SEQ_LEN = 4, 384
+WEIGHTS = {'text': 0.4, 'caption': 0.2, 'speech': 0.2, 'video': 0.2}
+
+
+def batches(data_dir, count, *, split='train', seed=0, process_index=0, process_count=1,
+            state=None, batch_size=BATCH, seq_len=SEQ_LEN, weights=None, shapes=None):
+  iterator = Mixture(data_dir, split, WEIGHTS if weights is None else weights,
+                     batch_size=batch_size, seq_len=seq_len, seed=seed,
+                     **(shapes or SHAPES), subset='small', process_index=process_index,
+                     process_count=process_count)
+  if state is not None:
+    iterator.set_state(state)
+  return [next(iterator) for _ in range(count)], iterator
+
+
+def assert_same(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    for field in dataclasses.fields(a):
+      np.testing.assert_array_equal(getattr(a, field.name), getattr(b, field.name))
+
+
+def concat(parts):
+  return type(parts[0])(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                           for f in dataclasses.fields(parts[0])})
+
+
+def segments_of(batch, row):
+  """``(tokens, modality, patch rows, audio rows)`` of each segment of ``row``, in order."""
+  patches_used = audio_used = 0
+  for segment in range(1, batch.segment_ids[row].max() + 1):
+    where = batch.segment_ids[row] == segment
+    modality = batch.modality[row][where]
+    num_patches = int((modality == Modality.IMAGE).sum())
+    num_audio = int((modality == Modality.AUDIO).sum())
+    yield (batch.tokens[row][where], modality,
+           batch.patches[row][patches_used:patches_used + num_patches],
+           batch.audio[row][audio_used:audio_used + num_audio])
+    patches_used += num_patches
+    audio_used += num_audio
+
+
+def test_task_names_are_the_config_weights():
+  assert tuple(DataConfig().weights()) == tasks.TASK_NAMES
+
+
+def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
+  tokenizer = Tokenizer()
+  captions = image_caption.builder(small_data_dir, 'small').as_data_source('train')
+  images_by_caption = {}
+  for record in captions:
+    images_by_caption.setdefault(record['caption'].decode(), []).append(
+        image_lib.patchify(record['image']))
+  seen = set()
+  for batch in batches(small_data_dir, 6)[0]:
+    check_batch(batch, vocab_size=tokenizer.vocab_size, patch_dim=192, audio_dim=320)
+    assert batch.tokens.shape == (BATCH, SEQ_LEN) and batch.patches.shape == (BATCH, 96, 192)
+    assert batch.audio.shape == (BATCH, 128, 320)
+    # bos only opens a segment, eos only closes one: no example runs into another.
+    assert (batch.positions[batch.tokens == tokenizer.bos_id] == 0).all()
+    last = np.ones_like(batch.loss_mask, bool)
+    last[:, :-1] = batch.segment_ids[:, 1:] != batch.segment_ids[:, :-1]
+    assert last[batch.tokens == tokenizer.eos_id].all()
+    next_is_text = np.append(batch.modality[:, 1:] == Modality.TEXT, np.zeros((BATCH, 1), bool),
+                             axis=1)
+    np.testing.assert_array_equal(batch.loss_mask, ~last & next_is_text & (batch.segment_ids > 0))
+    for row in range(BATCH):
+      for tokens, modality, patches, audio in segments_of(batch, row):
+        text = tokenizer.decode(tokens[modality == Modality.TEXT])
+        if tokens[0] != tokenizer.bos_id:
+          continue  # the rest of a document cut in an earlier batch
+        if tokenizer.begin_video_id in tokens:
+          kind = 'video'
+          assert text.startswith('Word: ') and len(patches) == 16 * (tokens == tokenizer.begin_image_id).sum()
+        elif tokenizer.begin_image_id in tokens:
+          kind = 'caption'
+          caption = text.removeprefix('Caption: ')
+          assert text.startswith('Caption: ') and caption in images_by_caption
+          assert any(np.array_equal(patches, image) for image in images_by_caption[caption])
+        elif tokenizer.begin_audio_id in tokens:
+          kind = 'speech'
+          assert text.startswith('Transcript: ') and len(audio) == (modality == Modality.AUDIO).sum() > 0
+          assert np.isfinite(audio).all() and audio.std() > 0.1
+        else:
+          kind = 'text'
+          assert (modality == Modality.TEXT).all()
+        if kind != 'text':
+          assert tokens[-1] == tokenizer.eos_id  # whole
+        seen.add(kind)
+  assert seen == set(WEIGHTS)
+
+
+def test_task_shares_follow_the_weights(small_data_dir):
+  weights = {'text': 0.1, 'caption': 0.6, 'speech': 0.1, 'video': 0.2}
+  _, iterator = batches(small_data_dir, 12, weights=weights, batch_size=8)
+  state = iterator.get_state()
+  counts = np.sum([row[3:] for row in state['rows']], axis=0)
+  assert state['tasks'] == list(weights)
+  assert counts.sum() == sum(row[1] for row in state['rows']) > 400
+  np.testing.assert_allclose(counts / counts.sum(), list(weights.values()), atol=0.06)
+
+
+def test_deterministic_for_a_seed(small_data_dir):
+  assert_same(batches(small_data_dir, 3)[0], batches(small_data_dir, 3)[0])
+  assert not np.array_equal(batches(small_data_dir, 1)[0][0].tokens,
+                            batches(small_data_dir, 1, seed=1)[0][0].tokens)
+
+
+def test_resume_is_exact(small_data_dir):
+  uninterrupted = batches(small_data_dir, 10)[0]
+  _, stopped = batches(small_data_dir, 6)
+  state = json.loads(json.dumps(stopped.get_state()))
+  assert_same(batches(small_data_dir, 4, state=state)[0], uninterrupted[6:])
+
+
+def test_process_shards_are_the_global_batch(small_data_dir):
+  global_batches, global_iterator = batches(small_data_dir, 3)
+  for process_count in (2, 4):
+    shards = [batches(small_data_dir, 3, process_index=p, process_count=process_count)
+              for p in range(process_count)]
+    for step in range(3):
+      parts = [shard_batches[step] for shard_batches, _ in shards]
+      assert all(part.tokens.shape[0] == BATCH // process_count for part in parts)
+      assert_same([concat(parts)], [global_batches[step]])
+    # The processes' states merged restore a single process (a different process count).
+    merged = dict(shards[0][1].get_state(),
+                  rows=[row for _, it in shards for row in it.get_state()['rows']])
+    assert merged == global_iterator.get_state()
+    assert_same(batches(small_data_dir, 2, state=merged)[0], batches(small_data_dir, 5)[0][3:])
+
+
+def test_rows_read_disjoint_documents(small_data_dir):
+  bos = Tokenizer().bos_id
+  starts = [set() for _ in range(8)]  # per row, the first tokens of each document begun
+  for batch in batches(small_data_dir, 4, split='eval', batch_size=8, seq_len=128,
+                       weights={'text': 1})[0]:
+    for row, column in zip(*np.nonzero(batch.tokens == bos)):
+      segment = batch.segment_ids[row] == batch.segment_ids[row, column]
+      starts[row].add(tuple(batch.tokens[row][segment][:12]))
+  assert sum(map(len, starts)) == len(set().union(*starts)) > 16
+
+
+def test_long_documents_run_down_one_row(small_data_dir):
+  tokenizer = Tokenizer()
+  texts = [example['text'].decode()
+           for example in text_corpus.builder(small_data_dir, 'small').as_data_source('long')]
+  got, _ = batches(small_data_dir, 5, split='long', batch_size=2, seq_len=64,
+                   weights={'text': 1})
+  for row in range(2):
+    tokens = np.concatenate([batch.tokens[row] for batch in got])
+    assert all((batch.segment_ids[row] == 1).all() for batch in got)      # one piece a row
+    assert all((batch.positions[row] == np.arange(64)).all() for batch in got)  # from 0
+    assert tokens[0] == tokenizer.bos_id
+    assert any(text.startswith(tokenizer.decode(tokens[1:])) for text in texts)
+
+
+def test_examples_too_big_for_a_row_are_skipped_and_counted(small_data_dir, monkeypatch):
+  tight = dict(SHAPES, num_audio_frames=8)  # 0.32 s: no sentence fits
+  got, iterator = batches(small_data_dir, 4, shapes=tight,
+                          weights={'text': 0.5, 'speech': 0.5})
+  assert iterator.stats()['skipped/speech'] > 0
+  assert all((batch.modality != Modality.AUDIO).all() for batch in got)
+  monkeypatch.setattr(mixture, 'MAX_SKIPS_IN_A_ROW', 5)
+  with pytest.raises(DataError, match='too big for a row .*raise those'):
+    batches(small_data_dir, 1, shapes=tight, weights={'speech': 1})
+
+
+def test_unused_tasks_need_no_data(small_data_dir, tmp_path):
+  copy = tmp_path / 'data'
+  shutil.copytree(pathlib.Path(small_data_dir) / 'text_corpus', copy / 'text_corpus')
+  batches(str(copy), 1, weights={'text': 1, 'caption': 0})
+  with pytest.raises(DataError, match="task 'caption' .*gemini_mini.data.prepare --subset small"):
+    batches(str(copy), 1, weights={'text': 1, 'caption': 1})
+
+
+def test_bad_arguments_and_states_are_named(small_data_dir):
+  with pytest.raises(DataError, match='divisible by the process count'):
+    batches(small_data_dir, 1, process_count=3)
+  with pytest.raises(DataError, match="split 'test'"):
+    batches(small_data_dir, 1, split='test')
+  with pytest.raises(DataError, match='non-negative weights'):
+    batches(small_data_dir, 1, weights={'text': 1, 'poetry': 1})
+  _, iterator = batches(small_data_dir, 1)
+  with pytest.raises(DataError, match='"seq_len": \\[384, 256\\]'):
+    batches(small_data_dir, 1, seq_len=256, state=iterator.get_state())
+  with pytest.raises(DataError, match='"weights"'):
+    batches(small_data_dir, 1, weights={'text': 1}, state=iterator.get_state())
+  with pytest.raises(DataError, match='no cursor for rows'):
+    batches(small_data_dir, 1, state=dict(iterator.get_state(), rows=[]))
+
+
+def test_corrupt_prepared_data_names_the_fix(small_data_dir, tmp_path):
+  copy = tmp_path / 'data'
+  shutil.copytree(small_data_dir, copy)
+  shard, = pathlib.Path(copy).glob('text_corpus/small/*/text_corpus-train.array_record-*')
+  shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+  with pytest.raises(DataError, match='cannot be read .*delete that directory and rebuild'):
+    batches(str(copy), 1, weights={'text': 1})
+
+
+def test_unprepared_data_names_the_command(tmp_path):
+  with pytest.raises(DataError, match='gemini_mini.data.prepare --subset small'):
+    batches(str(tmp_path), 1)
