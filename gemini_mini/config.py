@@ -98,6 +98,7 @@ class DataConfig:
   caption_weight: float = 0.15  # image -> caption
   speech_weight: float = 0.15  # audio -> transcript
   video_weight: float = 0.15   # video -> the word shown in one frame, and when
+  haystack_weight: float = 0.0  # documents with hidden key-value needles -> one value
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):
@@ -151,6 +152,39 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Settings of ``eval.py``'s suites (``gemini_mini/evals/``); none affects training."""
+
+  batch_size: int = 8             # prompts generated together
+  trials: int = 10                # items per haystack cell (context length x depth)
+  context_lengths: tuple[int, ...] = (512, 1024, 2048)   # text haystack, multi-needle, ruler
+  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle depth in the context
+  video_seconds: tuple[int, ...] = (8, 16, 32)   # video haystack lengths, one frame a second
+  audio_seconds: tuple[int, ...] = (10, 20, 30)  # audio haystack lengths
+  num_needles: int = 10           # multi-needle: needles in one context
+  perplexity_tokens: int = 8192   # NLL by position over this many tokens of each long document
+  task_examples: int = 100        # held-out captions / transcripts scored
+  samples: int = 8                # self-consistency: k sampled answers
+  consistency_threshold: float = 0.5  # tau: the majority's share needed to beat greedy
+  temperature: float = 0.7        # self-consistency sampling temperature
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ('batch_size', 'trials', 'num_needles', 'perplexity_tokens', 'task_examples',
+                 'samples'):
+      _require(getattr(self, name) > 0, f'eval.{name}', f'must be positive, got {getattr(self, name)}')
+    for name in ('context_lengths', 'video_seconds', 'audio_seconds'):
+      values = getattr(self, name)
+      _require(bool(values) and min(values) > 0, f'eval.{name}',
+               f'must be a non-empty list of positive numbers, got {list(values)}')
+    _require(bool(self.depths) and all(0 <= depth <= 1 for depth in self.depths), 'eval.depths',
+             f'must be a non-empty list of fractions in [0, 1], got {list(self.depths)}')
+    _require(0 < self.consistency_threshold <= 1, 'eval.consistency_threshold',
+             f'must be in (0, 1], got {self.consistency_threshold}')
+    _require(self.temperature > 0, 'eval.temperature', f'must be positive, got {self.temperature}')
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh axis sizes (at most one may be -1: all remaining devices) and, for
   multi-process runs, how to reach the other processes."""
@@ -185,6 +219,7 @@ class Config:
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  eval: EvalConfig = EvalConfig()
 
   def __post_init__(self):
     _require(self.train.seq_len <= self.model.max_length, 'train.seq_len',
@@ -202,6 +237,11 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 def _coerce(key: str, value, annotation):
   """``value`` as the field's type, or a ConfigError naming ``key``."""
+  if typing.get_origin(annotation) is tuple:  # tuple[int, ...]: a YAML list
+    _require(isinstance(value, (list, tuple)), key,
+             f'expected a list like [1, 2], got {type(value).__name__} {value!r}')
+    element = typing.get_args(annotation)[0]
+    return tuple(_coerce(f'{key}[{i}]', item, element) for i, item in enumerate(value))
   if typing.get_origin(annotation) is Literal:
     choices = typing.get_args(annotation)
     _require(value in choices, key, f'{value!r} is not one of {list(choices)}')

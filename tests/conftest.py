@@ -19,3 +19,15 @@ def small_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('data'))
   prepare.ensure(data_dir, 'small')
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_run_dir(small_data_dir, tmp_path_factory):
+  """A run of ``configs/test.yaml`` trained for 2 steps on the small data, with a checkpoint
+  (built once per test session and xdist worker): the checkpoint the eval tests load."""
+  from gemini_mini.train import loop
+  run_dir = str(tmp_path_factory.mktemp('tiny_run'))
+  loop.run(config_lib.load(TEST_CONFIG, [
+      f'data.dir={small_data_dir}', f'train.run_dir={run_dir}', 'train.steps=2',
+      'train.checkpoint_every=2', 'train.eval_every=0', 'data.haystack_weight=0.2']))
+  return run_dir

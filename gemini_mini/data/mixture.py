@@ -5,10 +5,12 @@ Example ``n`` of row ``r``'s stream:
 
 * belongs to the task drawn with the configured weights by ``default_rng([seed, r, n])``
   (weights are probabilities per *example*, not per token);
-* is record ``order_t(r + c * B)`` of that task's split, where ``c`` counts the earlier
-  examples of the same task in the row's stream and ``order_t`` is the task's epoch-by-epoch
-  shuffle (``DocumentOrder``). Row ``r`` reads positions ``r, r + B, r + 2B, ...`` of each
-  task's order, so within an epoch no record is read by two rows.
+* reads the records ``order_t(r + c * B)``, ``order_t(r + (c + 1) * B)``, ... of that task's
+  split (as many as the task needs: a text haystack several documents), where ``c`` counts
+  the records the row's earlier examples of the same task read and ``order_t`` is the task's
+  epoch-by-epoch shuffle (``DocumentOrder``). Row ``r`` reads positions ``r, r + B, r + 2B,
+  ...`` of each task's order, so within an epoch no record is read by two rows;
+* draws its own choices (lengths, needle depths) from ``default_rng([seed, r, n, 1])``.
 
 Rows are filled left to right (``tasks.Task.cuttable``): a text document fills what room
 is left and its rest starts the row's next batch; any other example goes in whole, and
@@ -21,8 +23,8 @@ in ``stats()``, never cut or crashed on. So:
   ``n`` computes rows ``[p * B/n, (p + 1) * B/n)`` of exactly the global batch one process
   would, for any ``n``;
 * the state is, per row, ``[r, n, offset, c_1, ..., c_K]`` (``offset``: tokens of a cut
-  document already used; ``c_k``: examples of task k begun): a small JSON dict, saved in
-  every checkpoint, so a resumed run continues exactly where it stopped.
+  document already used; ``c_k``: records read by the finished examples of task k): a small
+  JSON dict, saved in every checkpoint, so a resumed run continues exactly where it stopped.
 
 Why not grain: its iterator state holds no packer carry per row (``ConcatThenSplit`` keeps
 one per process, coupling the rows of a batch to the process count), and its mixing draws
@@ -136,7 +138,7 @@ class Mixture:
     rows_per_process = batch_size // process_count
     self.rows = range(process_index * rows_per_process, (process_index + 1) * rows_per_process)
     self._cursors = {row: [0, 0] + [0] * len(self._tasks) for row in self.rows}
-    self._current = {}  # row -> (n, task index, FlatExample or None) of the example it is in
+    self._current = {}  # row -> (n, task index, FlatExample or None, records read): its example
     self._stats = collections.Counter()
     self._config = dict(split=split, subset=subset, batch_size=batch_size, seq_len=seq_len,
                         seed=seed, weights={task.name: weights[task.name] for task in self._tasks})
@@ -153,30 +155,38 @@ class Mixture:
     can never fit a row."""
     n, _, *counts = self._cursors[row]
     if self._current.get(row, (None,))[0] == n:
-      return self._current[row][1:]
+      return self._current[row][1:3]
     k = self._task_of(row, n)
-    record_index = self._orders[k](row + counts[k] * self._config['batch_size'])
-    try:
-      record = self._sources[k][record_index]
-    except RuntimeError as error:  # array_record: 'Corrupted Riegeli/records file ...'
-      raise DataError(
-          f'the prepared data in {self._paths[k]} cannot be read ({error}); delete that '
-          f'directory and rebuild it with `python -m gemini_mini.data.prepare --subset '
-          f'{self._config["subset"]}`') from error
-    example = interleave.flatten(self._tasks[k].make_example(record, self._tokenizer),
-                                 self._tokenizer)
+    read = [0]  # records of task k this example has read
+
+    def next_record() -> dict:
+      position = row + (counts[k] + read[0]) * self._config['batch_size']
+      read[0] += 1
+      try:
+        return self._sources[k][self._orders[k](position)]
+      except RuntimeError as error:  # array_record: 'Corrupted Riegeli/records file ...'
+        raise DataError(
+            f'the prepared data in {self._paths[k]} cannot be read ({error}); delete that '
+            f'directory and rebuild it with `python -m gemini_mini.data.prepare --subset '
+            f'{self._config["subset"]}`') from error
+
+    rng = np.random.default_rng([self._config['seed'], row, n, 1])
+    segments = self._tasks[k].make_example(next_record, self._tokenizer, rng,
+                                           tasks_lib.Room(*self._room))
+    example = interleave.flatten(segments, self._tokenizer)
     sizes = (len(example.tokens), len(example.patches), len(example.audio))
     if not self._tasks[k].cuttable and any(size > room for size, room in zip(sizes, self._room)):
       self._stats[f'skipped/{self._tasks[k].name}'] += 1
       example = None
-    self._current[row] = (n, k, example)
+    self._current[row] = (n, k, example, read[0])
     return k, example
 
   def _advance(self, row: int, k: int) -> None:
+    """Moves ``row`` past its current example (of task ``k``) and the records it read."""
     cursor = self._cursors[row]
     cursor[0] += 1
     cursor[1] = 0
-    cursor[2 + k] += 1
+    cursor[2 + k] += self._current[row][3]
 
   def _fill_row(self, row: int) -> list[interleave.FlatExample]:
     """The examples (and pieces of a cut text document) of ``row``'s next batch."""

@@ -1,4 +1,4 @@
-"""The training tasks: how one record of a prepared dataset becomes one example.
+"""The training tasks: how records of the prepared datasets become examples.
 
 An example is a list of ``Segment``s (``modalities.segments``). Every task but ``text`` is
 a *prompt* followed by an *answer*; training sees both (the loss falls on every text
@@ -12,19 +12,24 @@ text      ``text_corpus``             ``<bos>`` document ``<eos>`` (a long one i
 caption   ``image_caption``           ``<bos>`` image ``Caption:`` | `` {caption}<eos>``
 speech    ``speech_transcripts``      ``<bos>`` audio ``Transcript:`` | `` {transcript}<eos>``
 video     ``video_clips``             ``<bos>`` video ``Word:`` | `` {word}<t=Ns><eos>``
+haystack  ``text_corpus``             ``<bos>`` documents with needles, question | `` {value}<eos>``
 ========  ==========================  =========================================================
 
-(``|`` separates prompt from answer; a video is ``<begin_video>``, then each second's time
-stamp and frame, then ``<end_video>``, see ``modalities.video``.) The video answer names the
-word drawn in one frame and the second it is shown.
+(``|`` separates prompt from answer.) A video is ``<begin_video>``, then each second's time
+stamp and frame, then ``<end_video>`` (``modalities.video``); it joins the frames of one or
+more clips, 4 seconds up to what the row holds, and keeps exactly one frame showing a word:
+the answer names the word and the second it is shown, a video needle in a haystack. A text
+haystack hides 1 to 10 ``needles`` (key-value sentences) in real documents and asks for one
+value. A task reads as many records as it needs and draws its choices (lengths, depths,
+keys) from a seeded generator, so every example is reproducible.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
-from gemini_mini.data import image_caption, speech, text_corpus, video_clips
+from gemini_mini.data import image_caption, needles, speech, text_corpus, video_clips
 from gemini_mini.modalities import audio as audio_lib
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities import video as video_lib
@@ -32,6 +37,11 @@ from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
 
 Example = list[Segment]
+MIN_HAYSTACK = 256      # positions of the shortest text haystack
+MAX_NEEDLES = 10        # needles in one text haystack
+MIN_VIDEO_SECONDS = 4
+MAX_VIDEO_SECONDS = 128
+VIDEO_OVERHEAD = 16     # positions of a video example besides its seconds (bos, brackets, answer)
 
 
 def _text(tokenizer: Tokenizer, text: str, *, bos: bool = False, eos: bool = False) -> Segment:
@@ -75,22 +85,94 @@ def _str(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def text_example(record: dict, tokenizer: Tokenizer) -> Example:
-  return [_text(tokenizer, _str(record['text']), bos=True, eos=True)]
+class Room(NamedTuple):
+  """What one row holds: positions (``train.seq_len``), image patches and audio frames."""
+
+  positions: int
+  patches: int
+  audio_frames: int
 
 
-def caption_example(record: dict, tokenizer: Tokenizer) -> Example:
+NextRecord = Callable[[], dict]  # the next record of the task's dataset, for this row
+
+
+def text_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
+  del rng, room  # a document is cut across rows when it is longer than one
+  return [_text(tokenizer, _str(next_record()['text']), bos=True, eos=True)]
+
+
+def caption_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
+  del rng, room
+  record = next_record()
   return caption_prompt(record['image'], tokenizer) + [answer(_str(record['caption']), tokenizer)]
 
 
-def speech_example(record: dict, tokenizer: Tokenizer) -> Example:
+def speech_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
+  del rng, room
+  record = next_record()
   return speech_prompt(record['audio'], tokenizer) + [answer(_str(record['transcript']),
                                                              tokenizer)]
 
 
-def video_example(record: dict, tokenizer: Tokenizer) -> Example:
-  return video_prompt(record['frames'], tokenizer) + [
-      answer(_str(record['word']), tokenizer, time_stamp=int(record['word_second']))]
+def haystack_prompt(filler_ids: np.ndarray, keys: list[str], values: list[str],
+                    depths: list[float], asked: int, tokenizer: Tokenizer) -> Example:
+  """``<bos>`` filler with the needles hidden at ``depths``, then the question about
+  ``keys[asked]`` (``needles``); its answer is ``answer(values[asked])``."""
+  hidden = needles.hide(filler_ids, [needles.needle_ids(key, value, tokenizer)
+                                     for key, value in zip(keys, values)], depths)
+  ids = [[tokenizer.bos_id], hidden, tokenizer.encode(needles.question(keys[asked]))]
+  return [Segment.text(np.concatenate(ids))]
+
+
+def filler(next_record: NextRecord, tokenizer: Tokenizer, length: int) -> np.ndarray:
+  """``length`` tokens of documents read with ``next_record``, separated by blank lines."""
+  parts, total = [], 0
+  while total < length:
+    ids = tokenizer.encode(_str(next_record()['text']) + '\n\n')
+    parts.append(ids)
+    total += len(ids)
+  return np.concatenate(parts)[:length] if parts else np.zeros(0, np.int32)
+
+
+def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
+                     room: Room) -> Example:
+  """A text haystack of 256 to ``room.positions`` positions (uniform), with 1 to
+  ``MAX_NEEDLES`` needles (at most one per 64 positions) at uniform depths; the question
+  asks about one of them."""
+  total = int(rng.integers(min(MIN_HAYSTACK, room.positions), room.positions + 1))
+  count = int(rng.integers(1, max(1, min(MAX_NEEDLES, total // 64)) + 1))
+  keys = needles.draw_keys(rng, 'train', count)
+  values = [needles.draw_value(rng) for _ in keys]
+  asked = int(rng.integers(count))
+  reply = answer(values[asked], tokenizer)
+  fixed = sum(len(needles.needle_ids(key, value, tokenizer)) for key, value in zip(keys, values))
+  fixed += 1 + len(tokenizer.encode(needles.question(keys[asked]))) + len(reply.data)
+  haystack = filler(next_record, tokenizer, max(total - fixed, 0))
+  return haystack_prompt(haystack, keys, values, list(rng.random(count)), asked,
+                         tokenizer) + [reply]
+
+
+def video_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
+                  room: Room) -> Example:
+  """A video of 4 to as many seconds as the row holds (uniform, at most ``MAX_VIDEO_SECONDS``):
+  the word frame of one clip at a uniform second, among frames of that and further clips
+  (their own word frames left out)."""
+  most = min((room.positions - VIDEO_OVERHEAD) // video_lib.POSITIONS_PER_SECOND,
+             room.patches // image_lib.PATCHES_PER_IMAGE, MAX_VIDEO_SECONDS)
+  seconds = int(rng.integers(min(MIN_VIDEO_SECONDS, most), most + 1)) if most > 0 else 1
+  first = next_record()
+  word, needle = _str(first['word']), first['frames'][int(first['word_second'])]
+  frames, record = [], first
+  while True:
+    frames += [frame for i, frame in enumerate(record['frames'])
+               if i != int(record['word_second'])]
+    if len(frames) >= seconds - 1:
+      break
+    record = next_record()
+  second = int(rng.integers(seconds))
+  frames = frames[:seconds - 1]
+  frames.insert(second, needle)
+  return video_prompt(np.stack(frames), tokenizer) + [answer(word, tokenizer, time_stamp=second)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +181,17 @@ class Task:
 
   Attributes:
     name: the task's name; its weight is the config field ``data.{name}_weight``.
-    builder: ``builder(data_dir, subset)``, the TFDS builder of its dataset.
-    make_example: ``make_example(record, tokenizer)``, one record -> one example.
+    builder: ``builder(data_dir, subset)``, the TFDS builder of the dataset it reads.
+    make_example: ``make_example(next_record, tokenizer, rng, room)`` -> one example, reading
+      as many records as it needs with ``next_record()``, drawing its random choices from
+      ``rng`` and fitting in ``room`` (except a cuttable document).
     cuttable: whether an example may be cut across rows (plain text); others are packed
       whole or, when they can never fit a row, skipped and counted.
   """
 
   name: str
   builder: Callable
-  make_example: Callable[[dict, Tokenizer], Example]
+  make_example: Callable[[NextRecord, Tokenizer, np.random.Generator, Room], Example]
   cuttable: bool = False
 
 
@@ -117,5 +201,6 @@ TASKS = (
     Task('caption', image_caption.builder, caption_example),
     Task('speech', speech.builder, speech_example),
     Task('video', video_clips.builder, video_example),
+    Task('haystack', text_corpus.builder, haystack_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

@@ -14,6 +14,7 @@ from PIL import Image
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
+PATCHES_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 with the defaults
 
 
 def to_rgb(image_HWC) -> np.ndarray:

@@ -22,6 +22,8 @@ from gemini_mini.modalities import text as text_lib
 from gemini_mini.modalities.segments import Segment
 
 MAX_SECONDS = text_lib.MAX_TIME_STAMP + 1  # one time stamp token per second
+# Positions a second costs with the default image: time stamp, image brackets, its patches.
+POSITIONS_PER_SECOND = 3 + image_lib.PATCHES_PER_IMAGE
 
 
 def sample_times(num_frames: int, fps_in: float) -> list[int]:

@@ -38,6 +38,33 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return differences
 
 
+def read_config(directory: str | pathlib.Path) -> tuple[int, dict]:
+  """``(step, config dict)`` of the latest complete checkpoint under ``directory``.
+
+  Raises:
+    CheckpointError: no complete checkpoint there, or its config cannot be read.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if not directory.is_dir():
+    raise CheckpointError(f'{directory}: no such checkpoint directory; pass the train.run_dir '
+                          'of a run (it holds checkpoints/), or train one with train.py')
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f'{directory}: no complete checkpoint; train longer than '
+                            'train.checkpoint_every steps, or pass another run')
+    try:
+      saved = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))['config']
+    except Exception as error:  # Orbax raises many types for unreadable files
+      raise CheckpointError(f'{directory}/{step}: cannot read the saved config ({error}); '
+                            'delete this step directory to fall back to an earlier one') from error
+  finally:
+    manager.close()
+  return step, saved
+
+
 class Checkpointer:
   """``save(step, state, data_state)``, ``restore(abstract_state)``, ``latest_step()``."""
 

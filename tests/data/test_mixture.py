@@ -4,6 +4,7 @@ weights, exact resume, process shards of one global batch, skips and errors."""
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -11,14 +12,15 @@ import pytest
 
 from gemini_mini.batch import Modality, check_batch
 from gemini_mini.config import DataConfig
-from gemini_mini.data import image_caption, mixture, tasks, text_corpus
+from gemini_mini.data import image_caption, mixture, needles, tasks, text_corpus, video_clips
 from gemini_mini.data.mixture import DataError, Mixture
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities.text import Tokenizer
 
 SHAPES = dict(num_patches=96, num_audio_frames=128, patch_dim=192, audio_dim=320)
 BATCH, SEQ_LEN = 4, 384
-WEIGHTS = {'text': 0.4, 'caption': 0.2, 'speech': 0.2, 'video': 0.2}
+WORD_BOX_TOP = video_clips.WORD_BOX[1]
+WEIGHTS = {'text': 0.3, 'caption': 0.2, 'speech': 0.2, 'video': 0.15, 'haystack': 0.15}
 
 
 def batches(data_dir, count, *, split='train', seed=0, process_index=0, process_count=1,
@@ -70,6 +72,7 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
   for record in captions:
     images_by_caption.setdefault(record['caption'].decode(), []).append(
         image_lib.patchify(record['image']))
+  time_stamps = np.array([tokenizer.time_stamp_id(t) for t in range(64)])
   seen = set()
   for batch in batches(small_data_dir, 6)[0]:
     check_batch(batch, vocab_size=tokenizer.vocab_size, patch_dim=192, audio_dim=320)
@@ -90,7 +93,19 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
           continue  # the rest of a document cut in an earlier batch
         if tokenizer.begin_video_id in tokens:
           kind = 'video'
-          assert text.startswith('Word: ') and len(patches) == 16 * (tokens == tokenizer.begin_image_id).sum()
+          seconds = int((tokens == tokenizer.begin_image_id).sum())
+          assert text.startswith('Word: ') and len(patches) == 16 * seconds
+          # The answer's time stamp names the one frame showing the word (its white box).
+          second = int(np.nonzero(time_stamps == tokens[-2])[0][0])
+          box_rows = [image_lib.unpatchify(patches[16 * t:16 * (t + 1)])[WORD_BOX_TOP]
+                      for t in range(seconds)]
+          assert [t for t, rows in enumerate(box_rows) if (rows > 0.95).all()] == [second]
+        elif 'Question: What is the special magic number for' in text:
+          kind = 'haystack'
+          key, value = re.fullmatch(r'.*special magic number for (\S+)\?\nAnswer: (\d+)', text,
+                                    re.DOTALL).groups()
+          assert text.count(needles.sentence(key, value)) == 1
+          assert tokens[-1] == tokenizer.eos_id
         elif tokenizer.begin_image_id in tokens:
           kind = 'caption'
           caption = text.removeprefix('Caption: ')
@@ -110,8 +125,9 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
 
 
 def test_task_shares_follow_the_weights(small_data_dir):
-  weights = {'text': 0.1, 'caption': 0.6, 'speech': 0.1, 'video': 0.2}
-  _, iterator = batches(small_data_dir, 12, weights=weights, batch_size=8)
+  # These tasks read one record per example, so the state's record counts count examples.
+  weights = {'text': 0.1, 'caption': 0.6, 'speech': 0.3}
+  _, iterator = batches(small_data_dir, 16, weights=weights, batch_size=8)
   state = iterator.get_state()
   counts = np.sum([row[3:] for row in state['rows']], axis=0)
   assert state['tasks'] == list(weights)

@@ -1,0 +1,74 @@
+"""What the suites share: result files, generation in batches, and scoring.
+
+Every suite writes ``{out_dir}/{suite}.json``: ``{'suite', 'checkpoint_step', 'run_dir',
+'config' (the eval section and the model), 'figures' (the suite's numbers), 'items'
+(optional per-item records)}`` and its plots as ``{out_dir}/{suite}_*.png``.
+"""
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only: evaluation runs headless
+
+from gemini_mini.infer.generate import Generation, generate  # noqa: E402
+from gemini_mini.infer.load import Loaded  # noqa: E402
+from gemini_mini.modalities.segments import Segment  # noqa: E402
+from gemini_mini.modalities.text import Tokenizer  # noqa: E402
+
+
+def write_result(out_dir: str | pathlib.Path, suite: str, loaded: Loaded, figures: dict,
+                 items: list | None = None) -> pathlib.Path:
+  """Writes the suite's JSON (see the module docstring); returns its path."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  record = {'suite': suite, 'checkpoint_step': loaded.step,
+            'config': {'eval': dataclasses.asdict(loaded.config.eval),
+                       'model': dataclasses.asdict(loaded.config.model),
+                       'data': dataclasses.asdict(loaded.config.data)},
+            'figures': figures}
+  if items is not None:
+    record['items'] = items
+  path = out / f'{suite}.json'
+  path.write_text(json.dumps(record, indent=1) + '\n')
+  return path
+
+
+def generate_all(loaded: Loaded, prompts: Sequence[list[Segment]], tokenizer: Tokenizer, *,
+                 max_new_tokens: int, **sampling) -> list[Generation]:
+  """``generate`` over ``prompts`` in batches of ``eval.batch_size``, in order."""
+  size = loaded.config.eval.batch_size
+  results = []
+  for start in range(0, len(prompts), size):
+    results += generate(loaded.decoder, list(prompts[start:start + size]), tokenizer,
+                        max_new_tokens=max_new_tokens, **sampling)
+  return results
+
+
+def normalize(text: str) -> str:
+  """Lower case, punctuation dropped, whitespace collapsed: what string match compares."""
+  return ' '.join(re.sub(r'[^\w\s]', ' ', text.lower()).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+  """Whether the prediction equals the reference after ``normalize``."""
+  return normalize(prediction) == normalize(reference)
+
+
+def word_error_rate(prediction: str, reference: str) -> float:
+  """Word-level Levenshtein distance over the reference's word count (after ``normalize``);
+  an empty reference gives 0 for an empty prediction, else 1."""
+  hypothesis, truth = normalize(prediction).split(), normalize(reference).split()
+  if not truth:
+    return float(bool(hypothesis))
+  previous = list(range(len(hypothesis) + 1))
+  for i, word in enumerate(truth, 1):
+    current = [i]
+    for j, guess in enumerate(hypothesis, 1):
+      current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != guess)))
+    previous = current
+  return previous[-1] / len(truth)
