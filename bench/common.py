@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 
 import jax
@@ -67,3 +68,36 @@ def format_bytes(num_bytes: float | None) -> str:
   if num_bytes is None:
     return '-'
   return f'{num_bytes / 2**20:.0f} MiB' if num_bytes < GIB else f'{num_bytes / GIB:.2f} GiB'
+
+
+def run_peer_script(name: str, command: list[str], env: dict | None = None,
+                    timeout: float | None = None, cwd=None) -> dict:
+  """Runs a peer's benchmark script (``bench/peers/``) in a subprocess, echoing its output as
+  ``  | line``, and returns the JSON of its ``peer_result {...}`` line plus ``wall_s``; or
+  ``{'failed': why, 'tail': last lines}`` when it exits non-zero, prints no result, or runs
+  past ``timeout`` seconds."""
+  print(f'\n== {name}: {" ".join(command)}', flush=True)
+  start = time.perf_counter()
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **(env or {})}, cwd=cwd)
+  result, lines = None, []
+  try:
+    deadline = None if timeout is None else start + timeout
+    for line in process.stdout:
+      line = line.rstrip('\n')
+      lines.append(line)
+      if line.startswith('peer_result '):
+        result = json.loads(line[len('peer_result '):])
+      else:
+        print(f'  | {line}', flush=True)
+      if deadline is not None and time.perf_counter() > deadline:
+        raise subprocess.TimeoutExpired(command, timeout)
+    process.wait(timeout=None if deadline is None else max(deadline - time.perf_counter(), 1))
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+    return {'failed': f'timed out after {timeout} s', 'tail': lines[-10:]}
+  if process.returncode != 0 or result is None:
+    return {'failed': f'exit code {process.returncode}', 'tail': lines[-10:]}
+  result['wall_s'] = time.perf_counter() - start
+  return result

@@ -10,7 +10,8 @@ bench/peers/setup_hf.sh builds:
 stops early: eos_token_id=None and min_new_tokens = max_new_tokens (asserted after each call).
 Random weights, no hub access. Flags or env vars (HF_*) as in hf_train_bench.py. About 2-3 s
 per batch-1 generation and 6-8 s per batch-8 one at the default shape on 2 cores.
-Added to the shared copy: parameter counts, and a ``peer_result {json}`` line for the driver.
+Added to the shared copy: parameter counts, the prefill timed best of --repeats (as generate),
+and a ``peer_result {json}`` line for the driver.
 Last line printed: `hf_mixtral_decode new_tokens_per_s b1=<..> b8=<..>`.
 "new tokens/s" = batch*new_tokens / wall time of model.generate (prefill included);
 the decode-only rate (prefill time subtracted) is printed too.
@@ -95,10 +96,14 @@ def main():
         for b in [int(x) for x in a.batches.split(",")]:
             ids = torch.randint(0, a.vocab, (b, a.prompt), generator=g)
             mask = torch.ones_like(ids)
-            # prefill-only timing (one forward over the prompt, logits of last position only)
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            t_prefill = time.perf_counter() - t0
+            # prefill-only timing (one forward over the prompt, logits of last position only),
+            # best of `repeats` like generate below
+            t_prefill = None
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                dt = time.perf_counter() - t0
+                t_prefill = dt if t_prefill is None else min(t_prefill, dt)
             best = None
             for _ in range(a.repeats):
                 t0 = time.perf_counter()

@@ -28,8 +28,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 import transformers
-from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
-                          Qwen2MoeConfig, Qwen2MoeForCausalLM)
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 
 def env(name, default, typ=int):

@@ -7,7 +7,7 @@
 #   every version pinned by maxtext_constraints.txt beside this file (a `pip freeze` of a venv
 #   that ran). All from PyPI; no MaxText code is kept in this repository.
 # Where: bench/peers/.venv-maxtext (ignored by git); VENV=... to put it elsewhere.
-# How long / how big: about 2-4 minutes on a 2-core machine with a warm network; ~1.4 GB.
+# How long / how big: about 2 minutes on a 2-core machine (1 min 55 s measured); ~1.4 GB.
 # Idempotent: running it again only checks and tops up.
 #
 #   bash bench/peers/setup_maxtext.sh            # then: bash bench/peers/run_maxtext.sh

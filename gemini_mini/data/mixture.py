@@ -71,7 +71,11 @@ class DocumentOrder:
 
 
 def _open_split(task: tasks_lib.Task, data_dir: str, subset: str, split: str):
-  builder = task.builder(data_dir, subset)
+  """``(path, random-access source)`` of the task's dataset split; ``(None, None)`` for a
+  task that needs no dataset."""
+  if task.dataset is None:
+    return None, None
+  builder = task.dataset.builder(data_dir, subset)
   command = f'`python -m gemini_mini.data.prepare --subset {subset} --data-dir {data_dir}`'
   if not builder.is_prepared():
     raise DataError(f'task {task.name!r} needs the dataset {builder.name}/{subset}, which is '
@@ -133,7 +137,7 @@ class Mixture:
       path, source = _open_split(task, data_dir, subset, split)
       self._paths.append(path)
       self._sources.append(source)
-      self._orders.append(DocumentOrder(len(source), (seed, task_id)))
+      self._orders.append(None if source is None else DocumentOrder(len(source), (seed, task_id)))
     self._tokenizer = text_lib.Tokenizer()
     rows_per_process = batch_size // process_count
     self.rows = range(process_index * rows_per_process, (process_index + 1) * rows_per_process)
@@ -160,6 +164,8 @@ class Mixture:
     read = [0]  # records of task k this example has read
 
     def next_record() -> dict:
+      if self._sources[k] is None:
+        raise DataError(f'task {self._tasks[k].name!r} has no dataset to read records from')
       position = row + (counts[k] + read[0]) * self._config['batch_size']
       read[0] += 1
       try:

@@ -1,7 +1,7 @@
 """Prepares every dataset: ``python -m gemini_mini.data.prepare [--subset small] [--data-dir DIR]``.
 
-Builds what is missing under DIR (default ``data``), one dataset per training task
-(``tasks.TASKS``): the text corpus (``text_corpus``), image-caption pairs
+Builds what is missing under DIR (default ``data``): the datasets the training tasks
+(``tasks.TASKS``) read: the text corpus (``text_corpus``), image-caption pairs
 (``image_caption``), speech-transcript pairs (``speech``) and video clips (``video_clips``),
 with progress bars, then prints each one's summary (examples, tokens or seconds per split)
 and build time. Needs Debian packages (fonts, espeak-ng, documentation): run as root it
@@ -15,13 +15,12 @@ import pathlib
 import sys
 import time
 
-from gemini_mini.data import image_caption, sources, speech, text_corpus, video_clips
+from gemini_mini.data import image_caption, sources, speech, tasks, text_corpus, video_clips
 
 SUBSETS = ('full', 'small')
-# Task name -> its dataset module, which provides builder(data_dir, subset),
-# install_missing(), check_installed() and summary(builder).
-DATASETS = {'text': text_corpus, 'caption': image_caption, 'speech': speech,
-            'video': video_clips}
+# Each provides NAME, builder(data_dir, subset), install_missing(), check_installed() and
+# summary(builder).
+DATASETS = (text_corpus, image_caption, speech, video_clips)
 
 
 def ensure_dataset(module, data_dir: str, subset: str = 'full'):
@@ -46,19 +45,22 @@ def ensure_dataset(module, data_dir: str, subset: str = 'full'):
 
 def ensure(data_dir: str, subset: str = 'full', weights: dict[str, float] | None = None,
            *, verbose: bool = False) -> dict:
-  """Builds the datasets of the tasks with a positive weight (all when ``weights`` is None).
+  """Builds the datasets that the tasks with a positive weight read (all when ``weights``
+  is None).
 
   Returns:
-    Task name -> its dataset's builder.
+    Dataset name (``NAME``) -> its builder.
   """
+  needed = [task.dataset for task in tasks.TASKS
+            if task.dataset is not None and (weights is None or weights.get(task.name, 0) > 0)]
   built = {}
-  for task, module in DATASETS.items():
-    if weights is None or weights.get(task, 0) > 0:
+  for module in DATASETS:
+    if module in needed:
       start = time.time()
-      built[task] = ensure_dataset(module, data_dir, subset)
+      built[module.NAME] = ensure_dataset(module, data_dir, subset)
       if verbose:
-        print(f'{module.NAME}/{subset} ({task} task), {built[task].data_dir}, ready in '
-              f'{time.time() - start:.0f} s:\n{module.summary(built[task])}\n', flush=True)
+        print(f'{module.NAME}/{subset} in {built[module.NAME].data_dir}, ready in '
+              f'{time.time() - start:.0f} s:\n{module.summary(built[module.NAME])}\n', flush=True)
   return built
 
 

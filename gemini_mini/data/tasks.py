@@ -13,6 +13,7 @@ caption   ``image_caption``           ``<bos>`` image ``Caption:`` | `` {caption
 speech    ``speech_transcripts``      ``<bos>`` audio ``Transcript:`` | `` {transcript}<eos>``
 video     ``video_clips``             ``<bos>`` video ``Word:`` | `` {word}<t=Ns><eos>``
 haystack  ``text_corpus``             ``<bos>`` documents with needles, question | `` {value}<eos>``
+arithmetic (none: generated)         ``<bos>Question: 23 + 45 - 12 = ?\nAnswer:`` | worked steps
 ========  ==========================  =========================================================
 
 (``|`` separates prompt from answer.) A video is ``<begin_video>``, then each second's time
@@ -25,11 +26,12 @@ keys) from a seeded generator, so every example is reproducible.
 """
 
 import dataclasses
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from gemini_mini.data import image_caption, needles, speech, text_corpus, video_clips
+from gemini_mini.data import arithmetic, image_caption, needles, speech, text_corpus, video_clips
 from gemini_mini.modalities import audio as audio_lib
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities import video as video_lib
@@ -181,7 +183,8 @@ class Task:
 
   Attributes:
     name: the task's name; its weight is the config field ``data.{name}_weight``.
-    builder: ``builder(data_dir, subset)``, the TFDS builder of the dataset it reads.
+    dataset: the module of the prepared dataset it reads (``text_corpus``, ...; see
+      ``prepare``), or None for a task that generates its examples (``arithmetic``).
     make_example: ``make_example(next_record, tokenizer, rng, room)`` -> one example, reading
       as many records as it needs with ``next_record()``, drawing its random choices from
       ``rng`` and fitting in ``room`` (except a cuttable document).
@@ -190,17 +193,18 @@ class Task:
   """
 
   name: str
-  builder: Callable
+  dataset: ModuleType | None
   make_example: Callable[[NextRecord, Tokenizer, np.random.Generator, Room], Example]
   cuttable: bool = False
 
 
 # The order is part of the data stream (task i's shuffle seed): append, never reorder.
 TASKS = (
-    Task('text', text_corpus.builder, text_example, cuttable=True),
-    Task('caption', image_caption.builder, caption_example),
-    Task('speech', speech.builder, speech_example),
-    Task('video', video_clips.builder, video_example),
-    Task('haystack', text_corpus.builder, haystack_example),
+    Task('text', text_corpus, text_example, cuttable=True),
+    Task('caption', image_caption, caption_example),
+    Task('speech', speech, speech_example),
+    Task('video', video_clips, video_example),
+    Task('haystack', text_corpus, haystack_example),
+    Task('arithmetic', None, arithmetic.arithmetic_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

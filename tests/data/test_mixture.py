@@ -12,7 +12,8 @@ import pytest
 
 from gemini_mini.batch import Modality, check_batch
 from gemini_mini.config import DataConfig
-from gemini_mini.data import image_caption, mixture, needles, tasks, text_corpus, video_clips
+from gemini_mini.data import (arithmetic, image_caption, mixture, needles, tasks, text_corpus,
+                              video_clips)
 from gemini_mini.data.mixture import DataError, Mixture
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities.text import Tokenizer
@@ -20,7 +21,8 @@ from gemini_mini.modalities.text import Tokenizer
 SHAPES = dict(num_patches=96, num_audio_frames=128, patch_dim=192, audio_dim=320)
 BATCH, SEQ_LEN = 4, 384
 WORD_BOX_TOP = video_clips.WORD_BOX[1]
-WEIGHTS = {'text': 0.3, 'caption': 0.2, 'speech': 0.2, 'video': 0.15, 'haystack': 0.15}
+WEIGHTS = {'text': 0.3, 'caption': 0.15, 'speech': 0.15, 'video': 0.15, 'haystack': 0.15,
+           'arithmetic': 0.1}
 
 
 def batches(data_dir, count, *, split='train', seed=0, process_index=0, process_count=1,
@@ -106,6 +108,10 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
                                     re.DOTALL).groups()
           assert text.count(needles.sentence(key, value)) == 1
           assert tokens[-1] == tokenizer.eos_id
+        elif text.startswith('Question: ') and 'The answer is' in text:
+          kind = 'arithmetic'
+          problem = re.fullmatch(r'Question: (.*) = \?\nAnswer: .*', text, re.DOTALL).group(1)
+          assert arithmetic.parse_answer(text) == eval(problem)  # noqa: S307 (digits, + and -)
         elif tokenizer.begin_image_id in tokens:
           kind = 'caption'
           caption = text.removeprefix('Caption: ')
