@@ -50,6 +50,8 @@ class ModelConfig:
   audio_dim: int = 320           # stacked log-mel frames (4 x 80)
   dtype: Literal['float32', 'bfloat16'] = 'float32'  # compute dtype; parameters stay float32
   remat: bool = False            # recompute each block's activations in the backward pass
+  scan_layers: bool = False      # stack the blocks and lax.scan over groups of moe_every
+                                 # layers: compile time independent of depth
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
@@ -71,6 +73,11 @@ class ModelConfig:
                'or set model.num_experts: 0 for a dense model')
       _require(self.capacity_factor > 0, 'model.capacity_factor',
                f'must be positive, got {self.capacity_factor}')
+      _require(not self.scan_layers or self.num_layers % self.moe_every == 0,
+               'model.scan_layers', f'scanning runs groups of model.moe_every '
+               f'({self.moe_every}) layers, which does not divide model.num_layers '
+               f'({self.num_layers}); use a num_layers that is a multiple of moe_every, '
+               'or set scan_layers: false')
     _require(self.attention_window >= 0, 'model.attention_window',
              f'must be >= 0 (0 = global attention), got {self.attention_window}')
     _require(self.rope_max_wavelength > 0, 'model.rope_max_wavelength',
@@ -99,6 +106,8 @@ class DataConfig:
   speech_weight: float = 0.15  # audio -> transcript
   video_weight: float = 0.15   # video -> the word shown in one frame, and when
   haystack_weight: float = 0.0  # documents with hidden key-value needles -> one value
+  arithmetic_weight: float = 0.0  # a sum of 2-3 numbers -> its worked steps
+  audio_haystack_weight: float = 0.0  # speech with one spoken keyword -> the keyword
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gemini_mini.data import examples
 from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
 
@@ -117,7 +118,4 @@ def arithmetic_example(next_record, tokenizer: Tokenizer, rng: np.random.Generat
   """
   del next_record, room
   problem = draw_problem(rng, 'train')
-  # The answer segment as tasks.answer builds it; importing tasks here would be circular
-  # once tasks.TASKS lists this task.
-  reply = np.concatenate([tokenizer.encode(' ' + solution(problem)), [tokenizer.eos_id]])
-  return arithmetic_prompt(problem, tokenizer) + [Segment.text(reply)]
+  return arithmetic_prompt(problem, tokenizer) + [examples.answer(solution(problem), tokenizer)]

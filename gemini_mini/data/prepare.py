@@ -51,11 +51,11 @@ def ensure(data_dir: str, subset: str = 'full', weights: dict[str, float] | None
   Returns:
     Dataset name (``NAME``) -> its builder.
   """
-  needed = [task.dataset for task in tasks.TASKS
-            if task.dataset is not None and (weights is None or weights.get(task.name, 0) > 0)]
+  needed = {task.dataset.NAME for task in tasks.TASKS
+            if task.dataset is not None and (weights is None or weights.get(task.name, 0) > 0)}
   built = {}
   for module in DATASETS:
-    if module in needed:
+    if module.NAME in needed:
       start = time.time()
       built[module.NAME] = ensure_dataset(module, data_dir, subset)
       if verbose:

@@ -16,14 +16,24 @@ Each split keeps its ``num_examples`` sentences with the smallest selection hash
 Each sentence's voice, speed (140-190 words a minute) and pitch (25-75) come from an RNG
 seeded by the sentence's hash: the same audio on every build, whatever the thread order.
 
-Configs: ``small`` (32 train + 16 eval examples, 2.6 minutes of audio, 5 MB, built in about
-3 s) and ``full`` (3000 + 300, 2.8 hours of audio, 292 MB; about 80 CPU seconds, 75 s on 2
+Keyword splits, for the audio needle in a haystack (``audio_haystack``): ``keywords_train``
+and ``keywords_eval`` hold ``KEYWORD_TEXT`` (``The secret word is apple.``) for every word
+of ``video_clips.WORDS``, each said by ``KEYWORD_VOICES`` voices of the ``train`` (4) or
+``eval`` (2) voice split, picked with the speed and pitch by an RNG seeded by the word. The
+words are shared, the voices disjoint: eval hears known words said by unseen voices. Each
+split keeps its ``num_examples`` utterances with the smallest selection hash (``small``'s
+are the first of ``full``'s); ``keyword_of(transcript)`` gives an utterance's word.
+
+Configs: ``small`` (32 train + 16 eval examples, 2.6 minutes of audio, plus 24 + 12
+keyword utterances; 7 MB, built in about 4 s) and ``full`` (3000 + 300, 2.8 hours of audio,
+plus 636 + 318 keyword utterances, 29 minutes; 347 MB; about 100 CPU seconds, 90 s on 2
 shared cores, ~1 GB peak memory, mostly TFDS's split writer).
 
 Features: ``audio`` int16 PCM samples at 16 kHz, mono, shape ``[N]``; ``transcript``;
 ``voice`` (``'en-gb-scotland+f2'``, an espeak-ng ``-v`` argument); ``speed``, ``pitch``
 (int32, espeak-ng's ``-s`` and ``-p``); ``sentence_id`` (``'<fortune file>/<fortune>/<n>'``,
-unique; also the example key). ``file_format='array_record'``: no TensorFlow needed; read
+a keyword utterance's ``'keyword/APPLE/en-us+m1'``; unique in its split, also the example
+key). ``file_format='array_record'``: no TensorFlow needed; read
 with ``builder.as_data_source(split)``; scale ``audio`` by 1/32768 for ``audio.log_mel``.
 
 Needs the Debian packages ``espeak-ng``, ``sox`` and ``fortunes``: a missing one raises
@@ -47,13 +57,19 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gemini_mini.data import sources
+from gemini_mini.data import sources, video_clips
 from gemini_mini.modalities import audio as audio_lib
 
 NAME = 'speech_transcripts'
 SAMPLE_RATE = audio_lib.SAMPLE_RATE
-SPLITS = ('train', 'eval')
-NUM_EXAMPLES = {'small': {'train': 32, 'eval': 16}, 'full': {'train': 3000, 'eval': 300}}
+SPLITS = ('train', 'eval')                         # sentences; also the voice splits
+KEYWORD_SPLITS = ('keywords_train', 'keywords_eval')  # keyword utterances of those voices
+KEYWORD_TEXT = 'The secret word is {word}.'
+KEYWORD_VOICES = {'keywords_train': 4, 'keywords_eval': 2}  # voices that say each word
+NUM_EXAMPLES = {
+    'small': {'train': 32, 'eval': 16, 'keywords_train': 24, 'keywords_eval': 12},
+    'full': {'train': 3000, 'eval': 300, **{  # every word, by each of its voices
+        split: count * len(video_clips.WORDS) for split, count in KEYWORD_VOICES.items()}}}
 EVAL_PER_MILLE = 100
 MIN_WORDS, MAX_WORDS = 3, 15
 
@@ -70,8 +86,10 @@ TOOLS = {'espeak-ng': 'espeak-ng', 'sox': 'sox'}  # command -> Debian package
 _FORTUNES = next(source for source in sources.CORPUS_SOURCES if source.name == 'fortunes')
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
 _SPEAKABLE = re.compile(r"[A-Z][A-Za-z ,;:'!?.-]*[.!?]")
+_KEYWORD = re.compile(re.escape(KEYWORD_TEXT).replace(re.escape('{word}'), '([a-z]+)'))
 
 Sentence = tuple[str, str]  # (sentence_id, text)
+Reading = tuple[str, int, int]  # (voice, speed, pitch): espeak-ng's -v, -s and -p
 
 
 class SynthesisError(RuntimeError):
@@ -121,7 +139,7 @@ def voices(split: str) -> tuple[str, ...]:
                if (accent in EVAL_ACCENTS or variant in EVAL_VARIANTS) == (split == 'eval'))
 
 
-def reading_of(text: str, split: str) -> tuple[str, int, int]:
+def reading_of(text: str, split: str) -> Reading:
   """``(voice, speed, pitch)`` for a sentence of ``split``, from an RNG seeded by its text."""
   rng = np.random.default_rng(_hash('voice', _dedup_key(text)))
   split_voices = voices(split)
@@ -140,6 +158,35 @@ def select(subset: str, skipped: collections.Counter | None = None) -> dict[str,
     by_split[split_of(text)].append((sentence_id, text))
   return {split: sorted(found, key=lambda item: _hash('select', _dedup_key(item[1])))
           [:NUM_EXAMPLES[subset][split]] for split, found in by_split.items()}
+
+
+def keywords(subset: str, split: str) -> list[tuple[Sentence, Reading]]:
+  """The keyword utterances of ``split`` (one of ``KEYWORD_SPLITS``) for ``subset``:
+  ``((sentence_id, text), reading)``, ``sentence_id`` ``'keyword/APPLE/en-us+m1'``, the
+  ``NUM_EXAMPLES`` with the smallest selection hash, in that order."""
+  if split not in KEYWORD_SPLITS or subset not in NUM_EXAMPLES:
+    raise ValueError(f'split {split!r} / subset {subset!r} is unknown; use one of '
+                     f"{KEYWORD_SPLITS} and 'full' or 'small'")
+  pool = voices(split.removeprefix('keywords_'))
+  utterances = []
+  for word in video_clips.WORDS:
+    rng = np.random.default_rng(_hash(split, word))
+    for index in rng.choice(len(pool), KEYWORD_VOICES[split], replace=False):
+      reading = (pool[index], int(rng.integers(SPEED_RANGE[0], SPEED_RANGE[1] + 1)),
+                 int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1)))
+      text = KEYWORD_TEXT.format(word=word.lower())  # capitals could be read as letters
+      utterances.append(((f'keyword/{word}/{reading[0]}', text), reading))
+  utterances.sort(key=lambda utterance: _hash('select', utterance[0][0]))
+  return utterances[:NUM_EXAMPLES[subset][split]]
+
+
+def keyword_of(transcript: str) -> str:
+  """The word of a keyword utterance: ``'The secret word is apple.'`` -> ``'apple'``."""
+  match = _KEYWORD.fullmatch(transcript)
+  if match is None:
+    raise ValueError(f'{transcript!r} is not a keyword utterance ({KEYWORD_TEXT!r}); read '
+                     f'one from a split of {KEYWORD_SPLITS}')
+  return match.group(1)
 
 
 def synthesize(text: str, voice: str, speed: int, pitch: int,
@@ -195,11 +242,14 @@ class SpeechTranscripts(tfds.core.GeneratorBasedBuilder):
   """Synthetic speech of real sentences; see the module docstring for splits and features."""
 
   name = NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Fortune sentences read by espeak-ng, voice-disjoint eval.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Fortune sentences read by espeak-ng, voice-disjoint eval.',
+                   '1.1.0': 'Keyword utterances (keywords_train, keywords_eval).'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name='full', description='3000 train + 300 eval examples'),
-      tfds.core.BuilderConfig(name='small', description='32 train + 16 eval, for tests/CI'),
+      tfds.core.BuilderConfig(name='full', description='3000 train + 300 eval examples, '
+                              '636 + 318 keyword utterances'),
+      tfds.core.BuilderConfig(name='small', description='32 train + 16 eval, 24 + 12 keyword '
+                              'utterances, for tests/CI'),
   ]
 
   def __init__(self, **kwargs):
@@ -225,20 +275,25 @@ class SpeechTranscripts(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing is downloaded
     check_installed()
     source_skipped = collections.Counter()
-    selected = select(self.builder_config.name, source_skipped)
+    subset = self.builder_config.name
+    selected = {split: [(sentence, reading_of(sentence[1], split)) for sentence in sentences]
+                for split, sentences in select(subset, source_skipped).items()}
+    selected.update({split: keywords(subset, split) for split in KEYWORD_SPLITS})
     self.info.metadata['sample_rate'] = SAMPLE_RATE
     self.info.metadata['unreadable_fortune_files'] = source_skipped['fortunes']
-    return {split: self._generate_examples(split, selected[split]) for split in SPLITS}
+    return {split: self._generate_examples(split, utterances)
+            for split, utterances in selected.items()}
 
-  def _generate_examples(self, split: str, selected: list[Sentence]):
-    """Yields ``(sentence_id, example)`` for ``split``; records its counts in the metadata."""
+  def _generate_examples(self, split: str, selected: list[tuple[Sentence, Reading]]):
+    """Yields ``(sentence_id, example)`` for ``split``, each sentence read as its reading
+    says; records its counts in the metadata."""
     stats = {'requested': len(selected), 'num_examples': 0, 'skipped': 0, 'skipped_ids': [],
              'audio_seconds': 0.0, 'voices': []}
-    readings = [reading_of(text, split) for _, text in selected]
 
     def run(index):
+      (_, text), reading = selected[index]
       try:
-        return synthesize(selected[index][1], *readings[index])
+        return synthesize(text, *reading)
       except SynthesisError as error:
         return error
 
@@ -250,8 +305,7 @@ class SpeechTranscripts(tfds.core.GeneratorBasedBuilder):
           yield from pool.map(run, range(start, min(start + chunk, len(selected))))
 
     heard = set()
-    for (sentence_id, text), (voice, speed, pitch), samples in zip(
-        selected, readings, synthesized()):
+    for ((sentence_id, text), (voice, speed, pitch)), samples in zip(selected, synthesized()):
       if isinstance(samples, SynthesisError):
         print(f'skipped {sentence_id}: {samples}', file=sys.stderr, flush=True)
         stats['skipped'] += 1
@@ -277,8 +331,9 @@ def builder(data_dir: str, subset: str = 'full') -> SpeechTranscripts:
 def summary(speech: SpeechTranscripts) -> str:
   """Examples, seconds of audio, voices and skips per split, from the build's metadata."""
   lines = []
-  for split in SPLITS:
+  for split in SPLITS + KEYWORD_SPLITS:
     stats = speech.info.metadata[split]
-    lines.append(f'{split:5} {stats["num_examples"]:>6,} examples {stats["audio_seconds"]:>9,.0f} s '
-                 f'of audio, {len(stats["voices"])} voices, {stats["skipped"]} skipped')
+    lines.append(f'{split:14} {stats["num_examples"]:>6,} examples '
+                 f'{stats["audio_seconds"]:>9,.0f} s of audio, {len(stats["voices"])} voices, '
+                 f'{stats["skipped"]} skipped')
   return '\n'.join(lines)

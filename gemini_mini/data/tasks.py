@@ -5,40 +5,50 @@ a *prompt* followed by an *answer*; training sees both (the loss falls on every 
 position), and evaluation (``eval.py``) gives the prompt alone and compares what the model
 generates with the answer, so the two share these functions and can never drift apart:
 
-========  ==========================  =========================================================
-task      dataset                     example
-========  ==========================  =========================================================
-text      ``text_corpus``             ``<bos>`` document ``<eos>`` (a long one is cut into rows)
-caption   ``image_caption``           ``<bos>`` image ``Caption:`` | `` {caption}<eos>``
-speech    ``speech_transcripts``      ``<bos>`` audio ``Transcript:`` | `` {transcript}<eos>``
-video     ``video_clips``             ``<bos>`` video ``Word:`` | `` {word}<t=Ns><eos>``
-haystack  ``text_corpus``             ``<bos>`` documents with needles, question | `` {value}<eos>``
-arithmetic (none: generated)         ``<bos>Question: 23 + 45 - 12 = ?\nAnswer:`` | worked steps
-========  ==========================  =========================================================
+==============  ===================  ================================================
+task            dataset              example (``|`` separates prompt from answer)
+==============  ===================  ================================================
+text            text_corpus          ``<bos>`` document ``<eos>`` (cut across rows)
+caption         image_caption        ``<bos>`` image ``Caption:`` | `` {caption}<eos>``
+speech          speech_transcripts   ``<bos>`` audio ``Transcript:`` | `` {text}<eos>``
+video           video_clips          ``<bos>`` video ``Word:`` | `` {word}<t=Ns><eos>``
+haystack        text_corpus          ``<bos>`` text with needles, question | `` {value}<eos>``
+arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `` {steps}<eos>``
+audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
+==============  ===================  ================================================
 
-(``|`` separates prompt from answer.) A video is ``<begin_video>``, then each second's time
-stamp and frame, then ``<end_video>`` (``modalities.video``); it joins the frames of one or
-more clips, 4 seconds up to what the row holds, and keeps exactly one frame showing a word:
-the answer names the word and the second it is shown, a video needle in a haystack. A text
-haystack hides 1 to 10 ``needles`` (key-value sentences) in real documents and asks for one
-value. A task reads as many records as it needs and draws its choices (lengths, depths,
-keys) from a seeded generator, so every example is reproducible.
+A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
+(``modalities.video``); it joins the frames of one or more clips, 4 seconds up to what the row
+holds, and keeps exactly one frame showing a word: the answer names the word and the second
+it is shown, a video needle in a haystack. A text haystack hides 1 to 10 ``needles``
+(key-value sentences) in real documents and asks for one value; an audio haystack hides one
+spoken "The secret word is {word}." among read sentences (``audio_haystack``). A task reads as
+many records as it needs and draws its choices (lengths, depths, keys) from a seeded
+generator, so every example is reproducible.
 """
 
 import dataclasses
 from types import ModuleType
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
-from gemini_mini.data import arithmetic, image_caption, needles, speech, text_corpus, video_clips
-from gemini_mini.modalities import audio as audio_lib
+from gemini_mini.data import (
+  arithmetic,
+  audio_haystack,
+  examples,
+  image_caption,
+  needles,
+  speech,
+  text_corpus,
+  video_clips,
+)
+from gemini_mini.data.examples import Example, NextRecord, Room, answer, audio_frames
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities import video as video_lib
 from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
 
-Example = list[Segment]
 MIN_HAYSTACK = 256      # positions of the shortest text haystack
 MAX_NEEDLES = 10        # needles in one text haystack
 MIN_VIDEO_SECONDS = 4
@@ -46,74 +56,41 @@ MAX_VIDEO_SECONDS = 128
 VIDEO_OVERHEAD = 16     # positions of a video example besides its seconds (bos, brackets, answer)
 
 
-def _text(tokenizer: Tokenizer, text: str, *, bos: bool = False, eos: bool = False) -> Segment:
-  ids = tokenizer.encode(text)
-  return Segment.text(np.concatenate([[tokenizer.bos_id]] * bos + [ids]
-                                     + [[tokenizer.eos_id]] * eos))
-
-
-def audio_frames(samples_N: np.ndarray) -> np.ndarray:
-  """int16 16 kHz samples ``[N]`` -> stacked log-mel frames ``[A, 320]`` (40 ms each)."""
-  return audio_lib.stack_frames(audio_lib.log_mel(np.asarray(samples_N, np.float32) / 32768))
-
-
 def caption_prompt(image_HWC, tokenizer: Tokenizer) -> Example:
   """``<bos>`` image ``Caption:``, for an image as ``image.patchify`` accepts."""
   return [Segment.text([tokenizer.bos_id]), Segment.image(image_lib.patchify(image_HWC)),
-          _text(tokenizer, 'Caption:')]
+          examples.text(tokenizer, 'Caption:')]
 
 
 def speech_prompt(samples_N, tokenizer: Tokenizer) -> Example:
   """``<bos>`` audio ``Transcript:``, for int16 16 kHz samples ``[N]``."""
   return [Segment.text([tokenizer.bos_id]), Segment.audio(audio_frames(samples_N)),
-          _text(tokenizer, 'Transcript:')]
+          examples.text(tokenizer, 'Transcript:')]
 
 
 def video_prompt(frames_SHWC, tokenizer: Tokenizer) -> Example:
   """``<bos>`` video ``Word:``, for frames ``[S, H, W, C]`` at one frame a second."""
   return ([Segment.text([tokenizer.bos_id])] + video_lib.video_segments(frames_SHWC, 1.0, tokenizer)
-          + [_text(tokenizer, 'Word:')])
-
-
-def answer(text: str, tokenizer: Tokenizer, *, time_stamp: int | None = None) -> Segment:
-  """`` {text}`` (then ``<t=Ns>`` when ``time_stamp`` is given) and ``<eos>``."""
-  ids = [tokenizer.encode(' ' + text)]
-  if time_stamp is not None:
-    ids.append([tokenizer.time_stamp_id(time_stamp)])
-  return Segment.text(np.concatenate(ids + [[tokenizer.eos_id]]))
-
-
-def _str(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
-class Room(NamedTuple):
-  """What one row holds: positions (``train.seq_len``), image patches and audio frames."""
-
-  positions: int
-  patches: int
-  audio_frames: int
-
-
-NextRecord = Callable[[], dict]  # the next record of the task's dataset, for this row
+          + [examples.text(tokenizer, 'Word:')])
 
 
 def text_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
   del rng, room  # a document is cut across rows when it is longer than one
-  return [_text(tokenizer, _str(next_record()['text']), bos=True, eos=True)]
+  return [examples.text(tokenizer, examples.as_str(next_record()['text']), bos=True, eos=True)]
 
 
 def caption_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
   del rng, room
   record = next_record()
-  return caption_prompt(record['image'], tokenizer) + [answer(_str(record['caption']), tokenizer)]
+  caption = examples.as_str(record['caption'])
+  return caption_prompt(record['image'], tokenizer) + [answer(caption, tokenizer)]
 
 
 def speech_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
   del rng, room
   record = next_record()
-  return speech_prompt(record['audio'], tokenizer) + [answer(_str(record['transcript']),
-                                                             tokenizer)]
+  transcript = examples.as_str(record['transcript'])
+  return speech_prompt(record['audio'], tokenizer) + [answer(transcript, tokenizer)]
 
 
 def haystack_prompt(filler_ids: np.ndarray, keys: list[str], values: list[str],
@@ -130,7 +107,7 @@ def filler(next_record: NextRecord, tokenizer: Tokenizer, length: int) -> np.nda
   """``length`` tokens of documents read with ``next_record``, separated by blank lines."""
   parts, total = [], 0
   while total < length:
-    ids = tokenizer.encode(_str(next_record()['text']) + '\n\n')
+    ids = tokenizer.encode(examples.as_str(next_record()['text']) + '\n\n')
     parts.append(ids)
     total += len(ids)
   return np.concatenate(parts)[:length] if parts else np.zeros(0, np.int32)
@@ -163,7 +140,7 @@ def video_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.
              room.patches // image_lib.PATCHES_PER_IMAGE, MAX_VIDEO_SECONDS)
   seconds = int(rng.integers(min(MIN_VIDEO_SECONDS, most), most + 1)) if most > 0 else 1
   first = next_record()
-  word, needle = _str(first['word']), first['frames'][int(first['word_second'])]
+  word, needle = examples.as_str(first['word']), first['frames'][int(first['word_second'])]
   frames, record = [], first
   while True:
     frames += [frame for i, frame in enumerate(record['frames'])
@@ -206,5 +183,6 @@ TASKS = (
     Task('video', video_clips, video_example),
     Task('haystack', text_corpus, haystack_example),
     Task('arithmetic', None, arithmetic.arithmetic_example),
+    Task('audio_haystack', audio_haystack, audio_haystack.audio_haystack_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

@@ -1,10 +1,11 @@
-"""The speech builder: expected counts, train/eval disjoint in voices and sentences, 16 kHz
-int16 audio of a plausible length, audio features, clear errors and counted skips."""
+"""The speech builder: expected counts, train/eval disjoint in voices and sentences, keyword
+utterances of every word by voices of their split, 16 kHz int16 audio of a plausible
+length, audio features, clear errors and counted skips."""
 
 import numpy as np
 import pytest
 
-from gemini_mini.data import prepare, sources, speech
+from gemini_mini.data import prepare, sources, speech, video_clips
 from gemini_mini.modalities import audio as audio_lib
 
 
@@ -12,7 +13,7 @@ def _read(builder):
   return {split: [{key: value.decode() if isinstance(value, bytes) else value
                    for key, value in builder.as_data_source(split)[i].items()}
                   for i in range(builder.info.splits[split].num_examples)]
-          for split in speech.SPLITS}
+          for split in speech.SPLITS + speech.KEYWORD_SPLITS}
 
 
 @pytest.fixture(scope='module')
@@ -25,13 +26,16 @@ def small(tmp_path_factory):
 def test_counts_match_the_config(small):
   examples, metadata = small
   assert metadata['sample_rate'] == speech.SAMPLE_RATE
-  for split in speech.SPLITS:
+  chosen = {split: [sentence_id for sentence_id, _ in sentences]
+            for split, sentences in speech.select('small').items()}
+  chosen.update({split: [sentence_id for (sentence_id, _), _ in speech.keywords('small', split)]
+                 for split in speech.KEYWORD_SPLITS})
+  for split in speech.SPLITS + speech.KEYWORD_SPLITS:
     expected = speech.NUM_EXAMPLES['small'][split]
     assert metadata[split]['requested'] == expected
     assert metadata[split]['skipped'] == 0 and metadata[split]['skipped_ids'] == []
     assert metadata[split]['num_examples'] == len(examples[split]) == expected
-    chosen = [sentence_id for sentence_id, _ in speech.select('small')[split]]
-    assert sorted(example['sentence_id'] for example in examples[split]) == sorted(chosen)
+    assert sorted(example['sentence_id'] for example in examples[split]) == sorted(chosen[split])
     seconds = sum(len(example['audio']) for example in examples[split]) / speech.SAMPLE_RATE
     assert metadata[split]['audio_seconds'] == pytest.approx(seconds, abs=0.1)
 
@@ -51,6 +55,39 @@ def test_splits_are_disjoint_in_voices_and_sentences(small):
     assert all(speech.split_of(text) == split for text in texts[split])
     assert len(ids[split]) == len(examples[split])  # one example per sentence
   assert any(voice.startswith('en-029+') for voice in heard['eval'])  # the held-out accent
+
+
+def test_keyword_splits_say_known_words_in_voices_of_their_split(small):
+  examples, _ = small
+  heard = {}
+  for split in speech.KEYWORD_SPLITS:
+    voice_split = split.removeprefix('keywords_')
+    heard[split] = {example['voice'] for example in examples[split]}
+    assert heard[split] <= set(speech.voices(voice_split)) and len(heard[split]) > 5
+    for example in examples[split]:
+      word = speech.keyword_of(example['transcript'])
+      assert example['transcript'] == speech.KEYWORD_TEXT.format(word=word)
+      assert word.upper() in video_clips.WORDS
+      assert example['sentence_id'] == f'keyword/{word.upper()}/{example["voice"]}'
+      assert 1.0 <= len(example['audio']) / speech.SAMPLE_RATE <= 3.0, example['sentence_id']
+      assert np.abs(example['audio'].astype(np.int32)).max() > 1000
+  assert not heard['keywords_train'] & heard['keywords_eval']
+
+
+def test_full_keyword_splits_hold_every_word_in_several_voices():
+  for split, count in speech.KEYWORD_VOICES.items():
+    full = speech.keywords('full', split)
+    assert len(full) == speech.NUM_EXAMPLES['full'][split] == count * len(video_clips.WORDS)
+    by_word = {}
+    for (sentence_id, text), (voice, _, _) in full:
+      by_word.setdefault(speech.keyword_of(text), set()).add(voice)
+    assert sorted(by_word) == sorted(word.lower() for word in video_clips.WORDS)
+    assert all(len(voices) == count for voices in by_word.values())
+    assert len({sentence_id for (sentence_id, _), _ in full}) == len(full)
+    assert speech.keywords('small', split) == full[:speech.NUM_EXAMPLES['small'][split]]
+  for bad in ('The secret word is.', 'the secret word is apple.', 'Eat the steak.'):
+    with pytest.raises(ValueError, match='not a keyword utterance'):
+      speech.keyword_of(bad)
 
 
 def test_audio_is_16khz_int16_of_a_plausible_length(small):
