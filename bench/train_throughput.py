@@ -62,6 +62,10 @@ from gemini_mini.train.step import (
   make_train_step,
 )
 
+# The peers' shared shape (shared/peers/README.md): batch 8 x 512 whatever nano trains with;
+# later overrides win.
+SHARED_SHAPE = ['train.batch_size=8', 'train.seq_len=512', 'data.num_patches=64',
+                'data.num_audio_frames=64', 'model.attention_kernel=dense']
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PEERS_DIR = REPO / 'bench' / 'peers'
 PEER_SETUP = {'maxtext': 'bench/peers/setup_maxtext.sh', 'hf': 'bench/peers/setup_hf.sh'}
@@ -236,7 +240,8 @@ def main():
   parser.add_argument('--json', metavar='FILE', help='also write the figures to this JSON file')
   args = parser.parse_args()
 
-  overrides = list(args.overrides) + ([f'model.dtype={args.dtype}'] if args.dtype else [])
+  overrides = (SHARED_SHAPE + list(args.overrides)
+               + ([f'model.dtype={args.dtype}'] if args.dtype else []))
   try:
     config = config_lib.load(args.config, overrides)
   except config_lib.ConfigError as error:

@@ -36,6 +36,7 @@ RULES = (
     ('mlp', 'tensor'),
     ('expert', 'expert'),
     ('features', None),
+    ('layers', None),  # the stacked layer-group axis of model.scan_layers: never split
     ('batch', BATCH_AXES),
     ('length', None),
     ('activation_embed', None),

@@ -44,6 +44,7 @@ summary = speech.summary
 CUE = 'Secret word:'
 FRAME_SAMPLES = audio_lib.HOP * audio_lib.STACK  # 640 samples: one 40 ms audio frame
 MIN_FRAMES = 100   # 4 s: the shortest training haystack (when the row holds that much)
+MAX_FRAMES = 1500  # 60 s: the longest, twice the audio haystack target; longer rows go to padding
 PROMPT_TEXT = 3    # positions of a prompt besides its audio frames and cue: bos, brackets
 
 
@@ -101,8 +102,9 @@ def audio_haystack_prompt(filler_N: np.ndarray, keyword_K: np.ndarray, depth: fl
 
 def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
                            rng: np.random.Generator, room: examples.Room) -> examples.Example:
-  """A haystack of ``MIN_FRAMES`` (or the keyword's length, if longer) to as many frames as
-  the row holds (audio frames and positions), uniform, keyword at a uniform depth.
+  """A haystack of ``MIN_FRAMES`` (or the keyword's length, if longer) to ``MAX_FRAMES`` or as
+  many frames as the row holds (audio frames and positions), uniform, keyword at a uniform
+  depth.
 
   Reads ``KeywordedSentences`` records: the first gives the keyword; its sentence and the
   next records' fill the rest. When even the keyword alone does not fit the row, the
@@ -111,7 +113,7 @@ def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenize
   first = next_record()
   keyword_K = np.asarray(first['keyword_audio'], np.int16)
   reply = examples.answer(first['keyword'], tokenizer)
-  most = min(room.audio_frames,
+  most = min(room.audio_frames, MAX_FRAMES,
              room.positions - PROMPT_TEXT - len(tokenizer.encode(CUE)) - len(reply.data))
   least = min(max(MIN_FRAMES, frames_of(len(keyword_K))), most)
   total = int(rng.integers(least, most + 1))

@@ -19,7 +19,8 @@ MUST_MATCH = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.head_dim', 'model.d_ff', 'model.num_experts',
     'model.experts_per_token', 'model.moe_every', 'model.shared_expert', 'model.patch_dim',
-    'model.audio_dim', 'data.subset', 'data.num_patches', 'data.num_audio_frames',
+    'model.audio_dim', 'model.scan_layers', 'data.subset', 'data.num_patches',
+    'data.num_audio_frames',
     'train.batch_size', 'train.seq_len', 'train.seed', 'train.grad_accum_steps')
 
 

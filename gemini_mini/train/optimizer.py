@@ -2,6 +2,14 @@
 
 import jax
 import optax
+from flax import nnx
+
+
+def _is_matrix(variable) -> bool:
+  names = ()
+  if isinstance(variable, nnx.Variable):
+    names = tuple(variable.get_metadata().get('out_sharding') or ())
+  return variable.ndim - (names[:1] == ('layers',)) > 1
 
 
 def learning_rate_schedule(peak: float, steps: int, warmup_steps: int) -> optax.Schedule:
@@ -14,8 +22,10 @@ def learning_rate_schedule(peak: float, steps: int, warmup_steps: int) -> optax.
 
 def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int, weight_decay: float,
                    grad_clip: float, b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
-  """Weight decay applies to matrices only, not to norm scales."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay applies to matrices only, not to norm scales (a scanned model's leading
+  ``'layers'`` axis does not make a vector a matrix)."""
+  decay_mask = lambda params: jax.tree.map(_is_matrix, params,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
   return optax.chain(
       optax.clip_by_global_norm(grad_clip),
       optax.adamw(learning_rate_schedule(learning_rate, steps, warmup_steps), b1=b1, b2=b2,
