@@ -12,9 +12,13 @@ import re
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')  # files only: evaluation runs headless
 
+from gemini_mini.data import prepare, text_corpus  # noqa: E402
+from gemini_mini.data.examples import as_str  # noqa: E402
+from gemini_mini.data.mixture import DataError  # noqa: E402
 from gemini_mini.infer.generate import Generation, generate  # noqa: E402
 from gemini_mini.infer.load import Loaded  # noqa: E402
 from gemini_mini.modalities.segments import Segment  # noqa: E402
@@ -36,6 +40,28 @@ def write_result(out_dir: str | pathlib.Path, suite: str, loaded: Loaded, figure
   path = out / f'{suite}.json'
   path.write_text(json.dumps(record, indent=1) + '\n')
   return path
+
+
+HAYSTACK_SOURCE = 'kjv_bible'  # the haystack prose: the long split's King James Bible
+
+
+def long_documents(data_dir: str, subset: str, tokenizer: Tokenizer
+                   ) -> dict[str, tuple[str, np.ndarray]]:
+  """``{source: (name, ids [N] int32)}``: each whole document of the text corpus's ``long``
+  split (never trained on), without bos; builds the corpus under ``data_dir`` first if it
+  is missing."""
+  source = prepare.ensure_dataset(text_corpus, data_dir, subset).as_data_source('long')
+  return {as_str(record['source']): (as_str(record['name']), tokenizer.encode(
+      as_str(record['text']))) for record in sorted(source, key=lambda r: r['source'])}
+
+
+def bible_ids(data_dir: str, subset: str, tokenizer: Tokenizer) -> np.ndarray:
+  """The King James Bible as ids ``[N] int32``: the haystack prose of the retrieval suites."""
+  documents = long_documents(data_dir, subset, tokenizer)
+  if HAYSTACK_SOURCE not in documents:
+    raise DataError(f'the long split under {data_dir} has no {HAYSTACK_SOURCE} document; delete '
+                    f'it and rebuild with `python -m gemini_mini.data.prepare --subset {subset}`')
+  return documents[HAYSTACK_SOURCE][1]
 
 
 def generate_all(loaded: Loaded, prompts: Sequence[list[Segment]], tokenizer: Tokenizer, *,

@@ -45,16 +45,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 from matplotlib import pyplot as plt
 
-from gemini_mini.data import (
-  audio_haystack,
-  needles,
-  prepare,
-  speech,
-  tasks,
-  text_corpus,
-  video_clips,
-)
-from gemini_mini.data.mixture import DataError
+from gemini_mini.data import audio_haystack, needles, prepare, speech, tasks, video_clips
+from gemini_mini.data.examples import as_str
 from gemini_mini.evals import common
 from gemini_mini.infer.generate import Generation
 from gemini_mini.infer.load import Loaded
@@ -67,7 +59,6 @@ SUITE = 'haystack'
 MODALITIES = ('text', 'video', 'audio')
 UNITS = {'text': 'positions', 'video': 'seconds', 'audio': 'seconds'}
 ANSWER_SLACK = 4  # generated tokens beyond the reference answer's (its <eos> included)
-HAYSTACK_SOURCE = 'kjv_bible'  # the King James Bible's source name in the long split
 SECONDS_PER_FRAME = audio_haystack.FRAME_SAMPLES / speech.SAMPLE_RATE  # 0.04
 
 
@@ -88,10 +79,6 @@ class Item(NamedTuple):
   record: dict
 
 
-def _str(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
 def answer_word(text: str) -> str:
   """The first word of a generation after ``common.normalize`` (``''`` if none): what is
   compared with the needle's value or word, so a missing ``<eos>`` or trailing text is
@@ -107,17 +94,6 @@ def time_stamp_of(tokens, tokenizer: Tokenizer) -> int | None:
     if int(token) in seconds:
       return seconds[int(token)]
   return None
-
-
-def bible_ids(data_dir: str, subset: str, tokenizer: Tokenizer) -> np.ndarray:
-  """The King James Bible of the text corpus's ``long`` split as ids ``[N] int32``; builds
-  the corpus under ``data_dir`` first if it is missing."""
-  source = prepare.ensure_dataset(text_corpus, data_dir, subset).as_data_source('long')
-  for index in range(len(source)):
-    if _str(source[index]['source']) == HAYSTACK_SOURCE:
-      return tokenizer.encode(_str(source[index]['text']))
-  raise DataError(f'the long split under {data_dir} has no {HAYSTACK_SOURCE} document; delete '
-                  f'it and rebuild with `python -m gemini_mini.data.prepare --subset {subset}`')
 
 
 def text_items(prose_ids: np.ndarray, length: int, depths: Sequence[float],
@@ -154,7 +130,7 @@ def video_items(clips: Sequence[dict], seconds: int, depths: Sequence[float],
       break
     clip = clips[index]
     frames += [frame for i, frame in enumerate(clip['frames']) if i != int(clip['word_second'])]
-    emoji += _str(clip['emoji'])
+    emoji += as_str(clip['emoji'])
   items = []
   for depth in depths:
     word = video_clips.WORDS[rng.integers(len(video_clips.WORDS))]
@@ -218,7 +194,7 @@ class Haystacks(NamedTuple):
   """What the haystacks are made of: the prepared data's held-out parts.
 
   Attributes:
-    prose_ids: the King James Bible as ids ``[N] int32`` (``bible_ids``).
+    prose_ids: the King James Bible as ids ``[N] int32`` (``common.bible_ids``).
     clips: the video clips' ``eval`` records (unseen emoji).
     sentences: the speech ``eval`` split's audio, int16 ``[N]`` each (unseen voices).
     keywords: ``(word, samples, voice)`` of each ``keywords_eval`` utterance.
@@ -235,9 +211,9 @@ def load_haystacks(data_dir: str, subset: str, tokenizer: Tokenizer) -> Haystack
   clips = prepare.ensure_dataset(video_clips, data_dir, subset).as_data_source('eval')
   voices = prepare.ensure_dataset(speech, data_dir, subset)
   return Haystacks(
-      bible_ids(data_dir, subset, tokenizer), [clips[i] for i in range(len(clips))],
+      common.bible_ids(data_dir, subset, tokenizer), [clips[i] for i in range(len(clips))],
       [record['audio'] for record in voices.as_data_source('eval')],
-      [(speech.keyword_of(_str(record['transcript'])), record['audio'], _str(record['voice']))
+      [(speech.keyword_of(as_str(record['transcript'])), record['audio'], as_str(record['voice']))
        for record in voices.as_data_source('keywords_eval')])
 
 

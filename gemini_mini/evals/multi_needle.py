@@ -71,7 +71,7 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   figures (see the module docstring)."""
   settings = loaded.config.eval
   tokenizer = Tokenizer()
-  prose_ids = haystack.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
+  prose_ids = common.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
   by_length, records = {}, []
   for length in settings.context_lengths:
     items = [item for trial in range(settings.trials) for item in context_items(

@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from gemini_mini.batch import Batch
-from gemini_mini.data import prepare, text_corpus
 from gemini_mini.evals import common
 from gemini_mini.infer.load import Loaded
 from gemini_mini.modalities import interleave
@@ -106,17 +105,11 @@ def cumulative_mean(nll_N: np.ndarray) -> np.ndarray:
 def long_documents(data_dir: str, subset: str, count: int) -> dict[str, tuple[str, np.ndarray]]:
   """``{source: (name, ids)}`` for the documents of the ``long`` split, ``ids`` ``<bos>`` and
   the first ``count - 1`` tokens (``[count]`` unless the document is shorter); builds the
-  text corpus under ``data_dir`` first if it is missing."""
+  text corpus under ``data_dir`` first if it is missing. Whole documents are encoded (0.3 s
+  for the Bible): a cut text could end mid-piece."""
   tokenizer = text_lib.Tokenizer()
-  source = prepare.ensure_dataset(text_corpus, data_dir, subset).as_data_source('long')
-  text = lambda value: value.decode('utf-8') if isinstance(value, bytes) else str(value)
-  documents = {}
-  for record in sorted(source, key=lambda record: record['source']):
-    # Whole documents are encoded (0.3 s for the Bible): a cut text could end mid-piece.
-    ids = tokenizer.encode(text(record['text']))[:count - 1]
-    documents[text(record['source'])] = (text(record['name']), np.concatenate(
-        [[tokenizer.bos_id], ids]).astype(np.int32))
-  return documents
+  return {source: (name, np.concatenate([[tokenizer.bos_id], ids[:count - 1]]).astype(np.int32))
+          for source, (name, ids) in common.long_documents(data_dir, subset, tokenizer).items()}
 
 
 @functools.partial(jax.jit, static_argnames='graphdef')

@@ -35,8 +35,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from matplotlib import pyplot as plt
 
-from gemini_mini.data import needles, text_corpus
-from gemini_mini.data.mixture import DataError
+from gemini_mini.data import needles
 from gemini_mini.evals import common
 from gemini_mini.infer.load import Loaded
 from gemini_mini.modalities.segments import Segment
@@ -48,7 +47,6 @@ MULTI_VALUES = 4     # values of the one key of the multi-value task
 VT_HOPS = 4          # assignments after the first in the variable-tracking chain (RULER's)
 VT_VALUE_DIGITS = 5
 ANSWER_SLACK = 8     # generated tokens beyond the reference answer's
-HAYSTACK_SOURCE = 'kjv_bible'  # the King James Bible's source name in the long split
 
 
 class Item(NamedTuple):
@@ -139,31 +137,11 @@ def score(task: str, generation: str, references: list[str]) -> float:
   return sum(common.normalize(reference) in words for reference in references) / len(references)
 
 
-def bible_ids(data_dir: str, subset: str, tokenizer: Tokenizer) -> np.ndarray:
-  """The whole King James Bible of the prepared text corpus, as token ids ``[N] int32``."""
-  builder = text_corpus.builder(data_dir, subset)
-  command = f'`python -m gemini_mini.data.prepare --subset {subset} --data-dir {data_dir}`'
-  if not builder.is_prepared() or 'long' not in builder.info.splits:
-    raise DataError(f'the ruler suite needs the long split of {builder.name}/{subset}, which is '
-                    f'not prepared under {data_dir}; build it with {command}')
-  source = builder.as_data_source('long')
-  for index in range(len(source)):
-    record = source[index]
-    if _str(record['source']) == HAYSTACK_SOURCE:
-      return tokenizer.encode(_str(record['text']))
-  raise DataError(f'the long split under {data_dir} has no {HAYSTACK_SOURCE} document; '
-                  f'rebuild it with {command}')
-
-
-def _str(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
 def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   """Runs every task at every length, writes the JSON and the plot, returns the figures."""
   settings, max_length = loaded.config.eval, loaded.config.model.max_length
   tokenizer = Tokenizer()
-  prose_ids = bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
+  prose_ids = common.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
   figures, items = {}, []
   for task_index, (task, make_item) in enumerate(TASKS.items()):
     figures[task] = {}

@@ -39,6 +39,7 @@ import numpy as np
 
 from gemini_mini.data import image_caption, prepare, speech
 from gemini_mini.data import tasks as tasks_lib
+from gemini_mini.data.examples import as_str
 from gemini_mini.evals import common
 from gemini_mini.infer.load import Loaded
 from gemini_mini.modalities import text as text_lib
@@ -46,10 +47,6 @@ from gemini_mini.modalities import text as text_lib
 SUITE = 'tasks'
 ANSWER_SLACK = 8         # generated tokens allowed beyond the longest reference answer
 BASELINE_SENTENCES = 32  # training transcripts tried as a constant answer
-
-
-def _str(value) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
 def caption_scores(predictions: Sequence[str], captions: Sequence[str], sources: Sequence[str],
@@ -126,13 +123,13 @@ def _captions(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
   for name, source in (('eval', split), ('train', built.as_data_source('train'))):
     split_captions[name] = collections.defaultdict(list)
     for record in source:
-      split_captions[name][_str(record['source'])].append(_str(record['caption']))
-  captions = [_str(record['caption']) for record in records]
-  sources = [_str(record['source']) for record in records]
+      split_captions[name][as_str(record['source'])].append(as_str(record['caption']))
+  captions = [as_str(record['caption']) for record in records]
+  sources = [as_str(record['source']) for record in records]
   predictions, max_new_tokens = _generate(
       loaded, [tasks_lib.caption_prompt(record['image'], tokenizer) for record in records],
       captions, tokenizer)
-  items = [{'task': 'caption', 'example_id': _str(record['example_id']), 'source': source,
+  items = [{'task': 'caption', 'example_id': as_str(record['example_id']), 'source': source,
             'reference': caption, 'prediction': prediction,
             'correct': common.exact_match(prediction, caption)}
            for record, source, caption, prediction in zip(records, sources, captions,
@@ -147,7 +144,7 @@ def _speech(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
   built = prepare.ensure_dataset(speech, data.dir, data.subset)
   split, train = built.as_data_source('eval'), built.as_data_source('train')
   records = [split[i] for i in range(min(settings.task_examples, len(split)))]
-  transcripts = [_str(record['transcript']) for record in records]
+  transcripts = [as_str(record['transcript']) for record in records]
   predictions, max_new_tokens = _generate(
       loaded, [tasks_lib.speech_prompt(record['audio'], tokenizer) for record in records],
       transcripts, tokenizer)
@@ -155,9 +152,9 @@ def _speech(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
       len(train), min(BASELINE_SENTENCES, len(train)), replace=False)
   scores = speech_scores(predictions, transcripts)
   scores['baselines'] = speech_baselines(
-      transcripts, [_str(train[int(i)]['transcript']) for i in chosen])
-  items = [{'task': 'speech', 'sentence_id': _str(record['sentence_id']),
-            'voice': _str(record['voice']), 'reference': transcript, 'prediction': prediction,
+      transcripts, [as_str(train[int(i)]['transcript']) for i in chosen])
+  items = [{'task': 'speech', 'sentence_id': as_str(record['sentence_id']),
+            'voice': as_str(record['voice']), 'reference': transcript, 'prediction': prediction,
             'correct': common.exact_match(prediction, transcript),
             'wer': common.word_error_rate(prediction, transcript)}
            for record, transcript, prediction in zip(records, transcripts, predictions)]
