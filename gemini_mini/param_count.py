@@ -5,6 +5,7 @@
 "Active per token" counts what one token's forward pass touches: everything except the
 routed experts it was not sent to, i.e. ``total - (E - k) / E * routed expert parameters``
 (the image and audio encoders are counted; a text token does not use them).
+``param_shapes`` lists every parameter's path and shape.
 """
 
 import argparse
@@ -32,6 +33,21 @@ def count_params(model_config: ModelConfig) -> dict[str, int]:
       routed = sum(int(np.prod(p.shape)) for p in (module.gate_EDF, module.up_EDF, module.down_EFD))
       inactive += routed * (module.num_experts - module.experts_per_token) // module.num_experts
   return {'total': total, 'active': total - inactive}
+
+
+def param_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter of ``Decoder(model_config)`` as ``{path: shape}``, without allocating.
+
+  A path joins the attribute names down to the parameter with ``/``, e.g.
+  ``'blocks/1/ffn/gate_EDF': (E, D, F)`` (layer 1's expert gates; the suffix names the axes,
+  see ``layers/__init__.py``), in ``nnx.state``'s order: by attribute name (``audio``,
+  ``blocks`` layer by layer, ``final_norm``, ``image``, ``text``). With ``scan_layers`` the
+  blocks are ``groups/blocks/j/...``, each with a leading ``[num_layers / moe_every]`` axis.
+  The sizes add up to ``count_params(model_config)['total']``.
+  """
+  decoder = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+  return {'/'.join(str(key) for key in path): tuple(param.shape)
+          for path, param in nnx.to_flat_state(nnx.state(decoder, nnx.Param))}
 
 
 def main(argv=None) -> int:

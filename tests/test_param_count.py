@@ -1,10 +1,11 @@
-"""Parameter counts: total and active per token, from shapes only."""
+"""Parameter counts: total and active per token, and every parameter's shape, from shapes only."""
 
+import math
 import subprocess
 import sys
 
 from gemini_mini import config as config_lib
-from gemini_mini.param_count import count_params
+from gemini_mini.param_count import count_params, param_shapes
 
 
 def test_nano_matches_the_peer_shape_plus_encoders():
@@ -18,6 +19,20 @@ def test_nano_matches_the_peer_shape_plus_encoders():
 def test_active_equals_total_for_a_dense_model():
   counts = count_params(config_lib.load(None, ['model.num_experts=0']).model)
   assert counts['active'] == counts['total']
+
+
+def test_param_shapes_name_every_parameter_and_add_up_to_the_total():
+  m = config_lib.load('configs/test.yaml').model
+  shapes = param_shapes(m)
+  assert sum(math.prod(shape) for shape in shapes.values()) == count_params(m)['total']
+  # test.yaml: layer 0 dense, layer 1 MoE (moe_every 2).
+  assert shapes['blocks/0/ffn/gate_DF'] == (m.d_model, m.d_ff)
+  assert shapes['blocks/1/ffn/gate_EDF'] == (m.num_experts, m.d_model, m.d_ff)
+  assert shapes['blocks/1/ffn/router/w_DE'] == (m.d_model, m.num_experts)
+  assert shapes['blocks/1/attention/q_DNH'] == (m.d_model, m.num_heads, m.head_dim)
+  assert shapes['text/embedding_VD'] == (m.vocab_size, m.d_model)
+  scanned = param_shapes(config_lib.load('configs/test.yaml', ['model.scan_layers=true']).model)
+  assert scanned['groups/blocks/1/ffn/gate_EDF'] == (1, m.num_experts, m.d_model, m.d_ff)
 
 
 def test_cli_prints_every_preset():

@@ -12,7 +12,7 @@ text            text_corpus          ``<bos>`` document ``<eos>`` (cut across ro
 caption         image_caption        ``<bos>`` image ``Caption:`` | `` {caption}<eos>``
 speech          speech_transcripts   ``<bos>`` audio ``Transcript:`` | `` {text}<eos>``
 video           video_clips          ``<bos>`` video ``Word:`` | `` {word}<t=Ns><eos>``
-haystack        text_corpus          ``<bos>`` text with needles, question | `` {value}<eos>``
+haystack        text_corpus          ``<bos>`` text with needles, questions | `` {value}<eos>``
 arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `` {steps}<eos>``
 audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
 ==============  ===================  ================================================
@@ -21,7 +21,8 @@ A video is ``<begin_video>``, then each second's time stamp and frame, then ``<e
 (``modalities.video``); it joins the frames of one or more clips, 4 seconds up to what the row
 holds, and keeps exactly one frame showing a word: the answer names the word and the second
 it is shown, a video needle in a haystack. A text haystack hides 1 to 10 ``needles``
-(key-value sentences) in real documents and asks for one value; an audio haystack hides one
+(key-value sentences) in real documents and asks for each value in turn (the evaluation
+asks for one); an audio haystack hides one
 spoken "The secret word is {word}." among read sentences (``audio_haystack``). A task reads as
 many records as it needs and draws its choices (lengths, depths, keys) from a seeded
 generator, so every example is reproducible.
@@ -29,7 +30,7 @@ generator, so every example is reproducible.
 
 import dataclasses
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -94,12 +95,17 @@ def speech_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Roo
 
 
 def haystack_prompt(filler_ids: np.ndarray, keys: list[str], values: list[str],
-                    depths: list[float], asked: int, tokenizer: Tokenizer) -> Example:
-  """``<bos>`` filler with the needles hidden at ``depths``, then the question about
-  ``keys[asked]`` (``needles``); its answer is ``answer(values[asked])``."""
+                    depths: list[float], asked: Sequence[int], tokenizer: Tokenizer) -> Example:
+  """``<bos>`` filler with the needles hidden at ``depths``, then a question about each key in
+  ``asked`` in turn (``needles``), each but the last followed by its value `` {value}``; the
+  last question's answer is ``answer(values[asked[-1]])``."""
   hidden = needles.hide(filler_ids, [needles.needle_ids(key, value, tokenizer)
                                      for key, value in zip(keys, values)], depths)
-  ids = [[tokenizer.bos_id], hidden, tokenizer.encode(needles.question(keys[asked]))]
+  ids = [[tokenizer.bos_id], hidden]
+  for i, index in enumerate(asked):
+    ids.append(tokenizer.encode(needles.question(keys[index])))
+    if i < len(asked) - 1:
+      ids.append(tokenizer.encode(' ' + values[index]))
   return [Segment.text(np.concatenate(ids))]
 
 
@@ -116,16 +122,18 @@ def filler(next_record: NextRecord, tokenizer: Tokenizer, length: int) -> np.nda
 def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                      room: Room) -> Example:
   """A text haystack of 256 to ``room.positions`` positions (uniform), with 1 to
-  ``MAX_NEEDLES`` needles (at most one per 64 positions) at uniform depths; the question
-  asks about one of them."""
+  ``MAX_NEEDLES`` needles (at most one per 64 positions) at uniform depths; the questions
+  ask about every needle, in a random order (one retrieval per needle to learn from, where
+  a single question would give one per haystack)."""
   total = int(rng.integers(min(MIN_HAYSTACK, room.positions), room.positions + 1))
   count = int(rng.integers(1, max(1, min(MAX_NEEDLES, total // 64)) + 1))
   keys = needles.draw_keys(rng, 'train', count)
   values = [needles.draw_value(rng) for _ in keys]
-  asked = int(rng.integers(count))
-  reply = answer(values[asked], tokenizer)
-  fixed = sum(len(needles.needle_ids(key, value, tokenizer)) for key, value in zip(keys, values))
-  fixed += 1 + len(tokenizer.encode(needles.question(keys[asked]))) + len(reply.data)
+  asked = [int(i) for i in rng.permutation(count)]
+  reply = answer(values[asked[-1]], tokenizer)
+  fixed = 2 + sum(len(needles.needle_ids(key, value, tokenizer))  # 2: bos and eos
+                  + len(tokenizer.encode(needles.question(key))) + len(tokenizer.encode(' ' + value))
+                  for key, value in zip(keys, values))
   haystack = filler(next_record, tokenizer, max(total - fixed, 0))
   return haystack_prompt(haystack, keys, values, list(rng.random(count)), asked,
                          tokenizer) + [reply]

@@ -108,7 +108,7 @@ def text_items(prose_ids: np.ndarray, length: int, depths: Sequence[float],
     fixed = (1 + len(needles.needle_ids(key, value, tokenizer))
              + len(tokenizer.encode(needles.question(key))))
     prose = prose_ids[start:start + max(length - fixed, 0)]
-    items.append(Item(tasks.haystack_prompt(prose, [key], [value], [depth], 0, tokenizer),
+    items.append(Item(tasks.haystack_prompt(prose, [key], [value], [depth], [0], tokenizer),
                       tasks.answer(value, tokenizer), value,
                       {'depth': depth, 'key': key, 'value': value,
                        'needle_position': 1 + int(round(depth * len(prose)))}))

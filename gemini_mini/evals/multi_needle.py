@@ -47,7 +47,7 @@ def context_items(prose_ids: np.ndarray, length: int, count: int, rng: np.random
            + max(len(tokenizer.encode(needles.question(key))) for key in keys))
   start = int(rng.integers(max(len(prose_ids) - length, 0) + 1))
   prose = prose_ids[start:start + max(length - fixed, 0)]
-  return [haystack.Item(tasks.haystack_prompt(prose, keys, values, depths, asked, tokenizer),
+  return [haystack.Item(tasks.haystack_prompt(prose, keys, values, depths, [asked], tokenizer),
                         tasks.answer(values[asked], tokenizer), values[asked],
                         {'key': keys[asked], 'value': values[asked], 'depth': depths[asked]})
           for asked in range(count)]

@@ -10,6 +10,8 @@ the attention projections, the k routed experts (and shared expert) a token visi
 router and the output head; the embedding lookup is not a matmul. The second is the
 attention scores and their weighted sum, counted over the full (not causally halved) context,
 as the dense kernel computes it. Image/audio encoders are left out (a small share of tokens).
+
+``read_metrics(run_dir)`` reads ``metrics.jsonl`` back as one array per scalar, for plots.
 """
 
 import json
@@ -83,3 +85,28 @@ class MetricsWriter:
   def close(self) -> None:
     self.jsonl.close()
     self.tensorboard.close()
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """What ``MetricsWriter`` logged in ``run_dir/metrics.jsonl``, as columns for plotting.
+
+  Returns:
+    ``{'step': [N] int64, name: [N] float64, ...}`` with N the logged steps in file order
+    and a column for every scalar any step logged (``'loss'``, ``'router_z'``,
+    ``'expert_load/layer0/expert3'``, ...): NaN where a step did not log it or logged a
+    non-finite value (written as null).
+
+  Raises:
+    FileNotFoundError: ``run_dir`` holds no ``metrics.jsonl`` (no step was logged yet).
+  """
+  path = pathlib.Path(run_dir) / 'metrics.jsonl'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: no metrics; train with train.run_dir={run_dir} first '
+                            '(a step is logged every train.log_every steps)')
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  names = dict.fromkeys(name for record in records for name in record if name != 'step')
+  columns = {'step': np.array([record['step'] for record in records], np.int64)}
+  for name in names:
+    columns[name] = np.array([np.nan if record.get(name) is None else record[name]
+                              for record in records], np.float64)
+  return columns

@@ -1,9 +1,13 @@
-"""MFU's FLOP count, written-out formula checks, and the metrics files on resume."""
+"""MFU's FLOP count, written-out formula checks, the metrics files on resume, reading them back."""
 
 import json
+import math
+
+import numpy as np
+import pytest
 
 from gemini_mini import config as config_lib
-from gemini_mini.train.metrics import MetricsWriter, scalars, train_flops_per_token
+from gemini_mini.train.metrics import MetricsWriter, read_metrics, scalars, train_flops_per_token
 
 
 def test_flops_per_token_of_the_peer_shape():
@@ -38,3 +42,21 @@ def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['step'], r['loss']) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0)]
   assert records[0]['mfu'] is None  # non-finite values are null, not NaN (invalid JSON)
+
+
+def test_read_metrics_gives_one_column_per_scalar_with_nan_where_missing(tmp_path):
+  writer = MetricsWriter(tmp_path)
+  writer.write(10, {'loss': 3.0, 'mfu': float('nan')})
+  writer.write(20, {'loss': 2.5, 'mfu': 0.25, 'eval/loss': 2.75})
+  writer.close()
+  columns = read_metrics(tmp_path)
+  assert list(columns) == ['step', 'loss', 'mfu', 'eval/loss']
+  assert columns['step'].dtype == np.int64 and columns['step'].tolist() == [10, 20]
+  assert columns['loss'].tolist() == [3.0, 2.5]
+  assert math.isnan(columns['mfu'][0]) and columns['mfu'][1] == 0.25  # logged as null
+  assert math.isnan(columns['eval/loss'][0]) and columns['eval/loss'][1] == 2.75  # not logged
+
+
+def test_read_metrics_names_the_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match='metrics.jsonl'):
+    read_metrics(tmp_path)
