@@ -10,6 +10,8 @@ Dimension key, used as shape suffixes (``x_BTD``) and as einsum letters
   C  expert capacity (slots)       M  rows of a sorted/grouped token buffer
   V  vocabulary                    P  image patches       A  audio frames
   I  input feature width (patch or audio frame)
+  Q  query rows of one KV head, G*T: dense attention folds the heads sharing a KV head into
+     its query axis, one matmul per (batch, KV head)
   X  tokens (or items) flattened into one axis, e.g. B*T: weight matmuls run on ``x_XD``
      (``layers.flatten_tokens``), which XLA:CPU differentiates about twice as fast
 

@@ -32,12 +32,62 @@ def attention_mask(
 def dense_attention(
     q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
 ) -> jax.Array:
-  """Softmax attention over the full ``[T, S]`` score matrix."""
+  """Softmax attention over the full ``[T, S]`` score matrix.
+
+  The G query heads sharing a KV head are folded into the query axis (``Q = G * T``), so
+  each (batch, KV head) is one ``[Q, H] x [H, S]`` matmul. The backward pass is written by
+  hand, as flash attention's: ``dS = P * (dP - rowsum(dO * O))`` from the saved
+  probabilities. Together they make XLA:CPU's forward + backward 1.3x (8 x 512 tokens) to
+  2.4x (2 x 2048) faster than the autodiff of ``dense_attention_reference``, which gives the
+  same values (``bench/dense_attention.py``).
+  """
+  B, T, K, G, H = q_BTKGH.shape
+  q_BKQH = q_BTKGH.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  mask_BQS = jnp.tile(mask_BTS, (1, G, 1))
+  o_BKQH = _dense_attention(q_BKQH, k_BSKH, v_BSKH, mask_BQS)
+  return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
+
+
+def dense_attention_reference(
+    q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
+) -> jax.Array:
+  """``dense_attention`` as the textbook writes it, differentiated by JAX."""
   scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, MASK_VALUE)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
   return jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+
+
+def _dense_forward(q_BKQH, k_BSKH, v_BSKH, mask_BQS):
+  scores_BKQS = jnp.einsum('BKQH,BSKH->BKQS', q_BKQH, k_BSKH, preferred_element_type=jnp.float32)
+  scores_BKQS = jnp.where(mask_BQS[:, None], scores_BKQS, MASK_VALUE)
+  exp_BKQS = jnp.exp(scores_BKQS - jnp.max(scores_BKQS, axis=-1, keepdims=True))
+  probs_BKQS = (exp_BKQS / jnp.sum(exp_BKQS, axis=-1, keepdims=True)).astype(v_BSKH.dtype)
+  o_BKQH = jnp.einsum('BKQS,BSKH->BKQH', probs_BKQS, v_BSKH)
+  return o_BKQH, (q_BKQH, k_BSKH, v_BSKH, probs_BKQS, o_BKQH)
+
+
+@jax.custom_vjp
+def _dense_attention(q_BKQH, k_BSKH, v_BSKH, mask_BQS):
+  return _dense_forward(q_BKQH, k_BSKH, v_BSKH, mask_BQS)[0]
+
+
+def _dense_backward(residuals, do_BKQH):
+  q_BKQH, k_BSKH, v_BSKH, probs_BKQS, o_BKQH = residuals
+  f32 = jnp.float32
+  dv_BSKH = jnp.einsum('BKQS,BKQH->BSKH', probs_BKQS, do_BKQH, preferred_element_type=f32)
+  dprobs_BKQS = jnp.einsum('BKQH,BSKH->BKQS', do_BKQH, v_BSKH, preferred_element_type=f32)
+  # rowsum(dP * P) = rowsum(dO * O): a [Q] vector without another pass over [Q, S].
+  row_BKQ = jnp.einsum('BKQH,BKQH->BKQ', do_BKQH.astype(f32), o_BKQH.astype(f32))
+  dscores_BKQS = (probs_BKQS * (dprobs_BKQS - row_BKQ[..., None])).astype(q_BKQH.dtype)
+  dq_BKQH = jnp.einsum('BKQS,BSKH->BKQH', dscores_BKQS, k_BSKH, preferred_element_type=f32)
+  dk_BSKH = jnp.einsum('BKQS,BKQH->BSKH', dscores_BKQS, q_BKQH, preferred_element_type=f32)
+  return (dq_BKQH.astype(q_BKQH.dtype), dk_BSKH.astype(k_BSKH.dtype),
+          dv_BSKH.astype(v_BSKH.dtype), None)
+
+
+_dense_attention.defvjp(_dense_forward, _dense_backward)
 
 
 def chunked_attention(
