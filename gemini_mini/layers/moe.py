@@ -10,7 +10,10 @@ expert every token uses. Two dispatch implementations behind the one interface:
   and counted in ``aux['dropped']``. Expert compute is one batched einsum over ``[E, C]``.
 * ``dropless``: every routed slot is computed. Slots are placed in expert order (a counting
   sort), each expert's block padded to the grouped matmul's tile, and multiplied with
-  ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a tiled loop on CPU).
+  ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a tiled loop on CPU). With few
+  tokens (decoding: one per row), the E tiles would be mostly padding; then it runs the
+  capacity dispatch with room for every token at every expert (``C = X``), which can drop
+  nothing and is smaller: ``dropless_buffer`` picks by buffer rows.
 
 Both dispatches reduce to the same two index maps between token slots and buffer rows,
 ``row_of_slot`` and ``slot_of_row``; ``take_rows`` moves data along them with gathers in
@@ -124,12 +127,15 @@ class MoE(nnx.Module):
     x_BTD = x_BTD.astype(self.dtype)
 
     if self.dispatch == 'capacity':
-      y_BTD, kept_BTR = jax.vmap(self._capacity_dispatch)(x_BTD, experts_BTR, weights_BTR,
-                                                          valid_BT)
+      dispatch = lambda *args: self._capacity_dispatch(*args, capacity=self.capacity(length))
+      y_BTD, kept_BTR = jax.vmap(dispatch)(x_BTD, experts_BTR, weights_BTR, valid_BT)
     else:
       flat = lambda a: a.reshape(batch * length, *a.shape[2:])
-      y_XD = self._dropless_dispatch(flat(x_BTD), flat(experts_BTR), flat(weights_BTR),
-                                     flat(valid_BT))
+      args = flat(x_BTD), flat(experts_BTR), flat(weights_BTR), flat(valid_BT)
+      if self.dropless_buffer(batch * length) == 'tiles':
+        y_XD = self._dropless_dispatch(*args)
+      else:  # every token fits at every expert: nothing can be dropped
+        y_XD = self._capacity_dispatch(*args, capacity=batch * length)[0]
       y_BTD, kept_BTR = y_XD.reshape(x_BTD.shape), jnp.ones(experts_BTR.shape, bool)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
@@ -145,12 +151,20 @@ class MoE(nnx.Module):
     }
     return y_BTD, aux
 
+  def dropless_buffer(self, num_tokens: int) -> str:
+    """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'tiles'`` (each
+    expert's slots padded to the grouped matmul's tile: ``X * k + E * (tile - 1)`` rows at
+    most) or ``'tokens'`` (``[E, X]``: a row for every token at every expert), the smaller."""
+    tile = gmm.TILE_SIZE[gmm.default_implementation()]
+    tiled_rows = num_tokens * self.experts_per_token + self.num_experts * (tile - 1)
+    return 'tokens' if self.num_experts * num_tokens <= tiled_rows else 'tiles'
+
   def _expert_weights(self):
     return tuple(p[...].astype(self.dtype) for p in (self.gate_EDF, self.up_EDF, self.down_EFD))
 
-  def _capacity_dispatch(self, x_TD, experts_TR, weights_TR, valid_T):
-    """One sequence: ``y_TD`` and which routed slots were kept (``kept_TR``)."""
-    capacity, num_experts = self.capacity(x_TD.shape[0]), self.num_experts
+  def _capacity_dispatch(self, x_TD, experts_TR, weights_TR, valid_T, *, capacity: int):
+    """``y_TD`` and which routed slots were kept (``kept_TR``), ``capacity`` slots per expert."""
+    num_experts = self.num_experts
     rank_TR, _ = position_in_expert(experts_TR, valid_T, num_experts)
     kept_TR = valid_T[:, None] & (rank_TR < capacity)
     row_of_slot_TR = jnp.where(kept_TR, experts_TR * capacity + rank_TR, num_experts * capacity)

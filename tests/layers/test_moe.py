@@ -147,7 +147,8 @@ def _run(dispatch, k, shared_expert, capacity_factor=1.25, implementation='tiled
     patch.setattr(gmm, 'grouped_matmul', spy)
     (_, (y_BTD, aux)), (d_state, dx_BTD) = jax.jit(
         jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x_BTD)
-  assert set(calls) == ({implementation} if dispatch == 'dropless' else set())
+    tiled = dispatch == 'dropless' and moe.dropless_buffer(math.prod(shape)) == 'tiles'
+  assert set(calls) == ({implementation} if tiled else set())
 
   params = _params(moe)
   valid = np.asarray(valid_BT)
@@ -171,8 +172,10 @@ def _assert_matches_reference(run):
   _assert_tree_close(run['d_params'], run['ref_d_params'], atol=GRAD_ATOL, rtol=RTOL)
 
 
-# Padding in the middle and at both ends of the sequences.
+# Padding in the middle and at both ends of the sequences. 12 tokens take the [E, X] token
+# buffer (but k=1 with ragged_dot's 8-row tiles), 320 take the tiles.
 DROPLESS = dict(dispatch='dropless', shape=(2, 6), invalid=((0, 2), (1, 0), (1, 5)))
+DROPLESS_TILED = dict(dispatch='dropless', shape=(2, 160), invalid=((0, 2), (1, 0), (1, 159)))
 # Small capacity; padding first in the sequences, where it would take capacity if counted.
 OVERFLOW = dict(dispatch='capacity', shared_expert=False, capacity_factor=0.5, shape=(2, 8),
                 invalid=((0, 0), (0, 1), (1, 0)))
@@ -180,14 +183,24 @@ OVERFLOW = dict(dispatch='capacity', shared_expert=False, capacity_factor=0.5, s
 
 # (a) Dropless dispatch.
 
+@pytest.mark.parametrize('case', [DROPLESS, DROPLESS_TILED], ids=['few_tokens', 'tiled'])
 @pytest.mark.parametrize('implementation', gmm.IMPLEMENTATIONS)
 @pytest.mark.parametrize('k, shared_expert', [(1, False), (2, True)])
-def test_dropless_matches_loop_reference(implementation, k, shared_expert):
-  run = _run(k=k, shared_expert=shared_expert, implementation=implementation, seed=k,
-             **DROPLESS)
+def test_dropless_matches_loop_reference(case, implementation, k, shared_expert):
+  run = _run(k=k, shared_expert=shared_expert, implementation=implementation, seed=k, **case)
   _assert_matches_reference(run)
   if not shared_expert:  # padding tokens get nothing from the routed experts
     np.testing.assert_array_equal(run['y_BTD'][~run['valid']], 0.0)
+
+
+def test_dropless_buffer_is_the_smaller_layout(monkeypatch):
+  moe = MoE(D, F, E, 2, dispatch='dropless', rngs=nnx.Rngs(0))
+  monkeypatch.setattr(gmm, 'default_implementation', lambda: 'tiled')  # 128-row tiles
+  # E * X rows against at most X * k + E * 127: equal at X = 254.
+  assert [moe.dropless_buffer(x) for x in (1, 8, 254, 255, 4096)] == (
+      ['tokens'] * 3 + ['tiles'] * 2)
+  monkeypatch.setattr(gmm, 'default_implementation', lambda: 'ragged_dot')  # 8-row tiles
+  assert [moe.dropless_buffer(x) for x in (14, 15)] == ['tokens', 'tiles']
 
 
 @pytest.mark.parametrize('implementation', gmm.IMPLEMENTATIONS)
@@ -196,7 +209,8 @@ def test_dropless_extreme_group_sizes(implementation, monkeypatch):
   # rows) and the other groups are empty. Then no valid token at all: every group is empty.
   monkeypatch.setattr(gmm, 'default_implementation', lambda: implementation)
   moe = MoE(D, F, E, 1, dispatch='dropless', rngs=nnx.Rngs(3))
-  x_BTD, valid_BT = _inputs(2, 72, seed=3, invalid=[(1, 70)])
+  x_BTD, valid_BT = _inputs(2, 200, seed=3, invalid=[(1, 198)])
+  assert moe.dropless_buffer(400) == 'tiles'
   x_BTD = x_BTD.at[..., 0].set(jnp.abs(x_BTD[..., 0]) + 1.0)
   moe.router.w_DE[...] = moe.router.w_DE[...].at[0, 0].set(20.0)
   params = _params(moe)
