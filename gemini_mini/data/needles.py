@@ -8,7 +8,8 @@ retrieval, not memory.
 
 ``hide`` lays needles into a token stream of filler (real documents) at given depths, each
 on its own line; the question, on the lines after it, is ``Question: What is the special
-magic number for {key}?`` / ``Answer:``, and the answer `` {value}``.
+magic number for {key}?`` / ``Answer: The special magic number for {key} is``, and the
+answer `` {value}``.
 """
 
 import hashlib
@@ -52,8 +53,11 @@ def sentence(key: str, value: str) -> str:
 
 
 def question(key: str) -> str:
-  """The question's text; the answer that follows is `` {value}``."""
-  return f'\nQuestion: What is the special magic number for {key}?\nAnswer:'
+  """The question's text; the answer that follows is `` {value}``. As in RULER, the answer
+  opens by restating the needle up to its value, so the value follows the same tokens in
+  the needle and in the answer (what an induction head copies from)."""
+  return (f'\nQuestion: What is the special magic number for {key}?\nAnswer: '
+          f'The special magic number for {key} is')
 
 
 def hide(filler_ids: np.ndarray, needles: list[np.ndarray], depths: list[float]) -> np.ndarray:

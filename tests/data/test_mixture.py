@@ -105,10 +105,11 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
         elif 'Question: What is the special magic number for' in text:
           kind = 'haystack'
           # Every needle is asked about once, each answer is its needle's value.
-          asked = re.findall(r'special magic number for (\S+)\?\nAnswer: (\d+)', text)
+          asked = re.findall(r'for (\S+)\?\nAnswer: The special magic number for \1 is (\d+)',
+                             text)
           hidden = re.findall(r'The special magic number for (\S+) is (\d+)\.', text)
           assert sorted(asked) == sorted(hidden) and len({key for key, _ in hidden}) == len(hidden)
-          assert text.endswith(f'Answer: {asked[-1][1]}')
+          assert text.endswith(f'{asked[-1][0]} is {asked[-1][1]}')
           assert tokens[-1] == tokenizer.eos_id
         elif text.startswith('Question: ') and 'The answer is' in text:
           kind = 'arithmetic'
