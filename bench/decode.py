@@ -48,9 +48,8 @@ HF_PYTHON = PEERS_DIR / '.venv-hf' / 'bin' / 'python'
 
 
 def random_prompts(batch: int, length: int, tokenizer, vocab_size: int, seed: int):
-  """``batch`` text prompts of ``length`` uniformly random ids, special ids left out."""
-  special = set(tokenizer.special_ids.values())
-  allowed = np.array([i for i in range(vocab_size) if i not in special], np.int32)
+  """``batch`` text prompts of ``length`` ids drawn uniformly from the ordinary pieces."""
+  allowed = tokenizer.ordinary_ids[tokenizer.ordinary_ids < vocab_size]
   rng = np.random.default_rng(seed)
   return [[Segment.text(rng.choice(allowed, length))] for _ in range(batch)]
 

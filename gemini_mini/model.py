@@ -213,18 +213,22 @@ class Decoder(nnx.Module):
     return StackedKVCache(tuple(jax.tree.map(stacked, jax.eval_shape(create))
                                 for _ in range(group_size(c))))
 
-  def decode(self, batch: Batch, cache):
+  def decode(self, batch: Batch, cache, *, last_only: bool = False):
     """Appends ``batch`` (a prompt, or one new token per row) to ``cache`` and returns
-    ``(logits_BTV, cache)``. The logits equal the full forward pass over everything seen."""
-    logits_BTV, _, cache = self._forward(batch, cache)
+    ``(logits_BTV, cache)``. The logits equal the full forward pass over everything seen;
+    ``last_only`` gives the last position's alone (``T`` = 1), skipping the output layer
+    elsewhere: a prompt needs only the logits of the token after it."""
+    logits_BTV, _, cache = self._forward(batch, cache, last_only=last_only)
     return logits_BTV, cache
 
-  def _forward(self, batch: Batch, cache):
+  def _forward(self, batch: Batch, cache, *, last_only: bool = False):
     """``(logits_BTV, moe_aux, cache)``: ``moe_aux`` holds the MoE layers' aux stacked on a
     leading layer axis (None for a dense model)."""
     x_BTD = self.embed(batch)
     run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
     x_BTD, moe_aux, cache = run(x_BTD, batch, cache)
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
     x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
     logits_BTV = self.text.logits(self.final_norm(x_BTD))
     return logits_BTV, moe_aux, cache

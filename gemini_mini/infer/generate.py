@@ -137,8 +137,8 @@ def _prefill(graphdef, state, batch: Batch, cache_length: int):
   """``(logits_BV, cache)``: the prompts in a fresh cache and each row's next-token logits."""
   decoder = nnx.merge(graphdef, state)
   cache = decoder.init_cache(batch.tokens.shape[0], cache_length)
-  logits_BTV, cache = decoder.decode(batch, cache)
-  return logits_BTV[:, -1], cache
+  logits_B1V, cache = decoder.decode(batch, cache, last_only=True)
+  return logits_B1V[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',), donate_argnames=('cache',))

@@ -13,7 +13,10 @@ expert every token uses. Two dispatch implementations behind the one interface:
   ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a tiled loop on CPU). With few
   tokens (decoding: one per row), the E tiles would be mostly padding; then it runs the
   capacity dispatch with room for every token at every expert (``C = X``), which can drop
-  nothing and is smaller: ``dropless_buffer`` picks by buffer rows.
+  nothing and is smaller. With fewer routed slots than experts (decoding one or two rows),
+  each slot instead multiplies a gathered copy of its own expert's weights, so only the
+  experts in use are read: a decoding step is bound by reading weights.
+  ``dropless_buffer`` picks the layout.
 
 Both dispatches reduce to the same two index maps between token slots and buffer rows,
 ``row_of_slot`` and ``slot_of_row``; ``take_rows`` moves data along them with gathers in
@@ -132,8 +135,11 @@ class MoE(nnx.Module):
     else:
       flat = lambda a: a.reshape(batch * length, *a.shape[2:])
       args = flat(x_BTD), flat(experts_BTR), flat(weights_BTR), flat(valid_BT)
-      if self.dropless_buffer(batch * length) == 'tiles':
+      buffer = self.dropless_buffer(batch * length)
+      if buffer == 'tiles':
         y_XD = self._dropless_dispatch(*args)
+      elif buffer == 'slots':
+        y_XD = self._slot_dispatch(*args)
       else:  # every token fits at every expert: nothing can be dropped
         y_XD = self._capacity_dispatch(*args, capacity=batch * length)[0]
       y_BTD, kept_BTR = y_XD.reshape(x_BTD.shape), jnp.ones(experts_BTR.shape, bool)
@@ -152,9 +158,14 @@ class MoE(nnx.Module):
     return y_BTD, aux
 
   def dropless_buffer(self, num_tokens: int) -> str:
-    """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'tiles'`` (each
-    expert's slots padded to the grouped matmul's tile: ``X * k + E * (tile - 1)`` rows at
-    most) or ``'tokens'`` (``[E, X]``: a row for every token at every expert), the smaller."""
+    """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'slots'`` (each of
+    the ``X * k`` slots with a gathered copy of its expert's weights) when that reads fewer
+    weights than all E experts' even counting the copy (``2 X k <= E``), else the smaller of
+    ``'tiles'`` (each expert's slots padded to the grouped matmul's tile: ``X * k + E *
+    (tile - 1)`` rows at most) and ``'tokens'`` (``[E, X]``: a row for every token at every
+    expert)."""
+    if 2 * num_tokens * self.experts_per_token <= self.num_experts:
+      return 'slots'
     tile = gmm.TILE_SIZE[gmm.default_implementation()]
     tiled_rows = num_tokens * self.experts_per_token + self.num_experts * (tile - 1)
     return 'tokens' if self.num_experts * num_tokens <= tiled_rows else 'tiles'
@@ -195,6 +206,16 @@ class MoE(nnx.Module):
     hidden_MF = gated_activation(matmul(x_MD, gate_EDF), matmul(x_MD, up_EDF))
     y_MD = matmul(hidden_MF, down_EFD)
     return self._combine(y_MD, row_of_slot_XR, slot_of_row, weights_XR)
+
+  def _slot_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
+    """Each routed slot through its own expert, the weights gathered per slot."""
+    gate_XRDF, up_XRDF, down_XRFD = (p[...][experts_XR].astype(self.dtype)
+                                     for p in (self.gate_EDF, self.up_EDF, self.down_EFD))
+    hidden_XRF = gated_activation(jnp.einsum('XD,XRDF->XRF', x_XD, gate_XRDF),
+                                  jnp.einsum('XD,XRDF->XRF', x_XD, up_XRDF))
+    y_XRD = jnp.einsum('XRF,XRFD->XRD', hidden_XRF, down_XRFD)
+    weights_XR = weights_XR * valid_X[:, None]
+    return jnp.einsum('XRD,XR->XD', y_XRD, weights_XR.astype(y_XRD.dtype))
 
   def _combine(self, y_rows_MD, row_of_slot_XR, slot_of_row_M, weights_XR):
     """``y_XD``: each token's expert outputs (zero where dropped), weighted and summed."""

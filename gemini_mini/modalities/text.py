@@ -43,6 +43,8 @@ class Tokenizer:
     image_id, audio_id: the placeholders at image-patch and audio-frame positions.
     begin_image_id, end_image_id, begin_audio_id, end_audio_id, begin_video_id,
     end_video_id: the brackets around an image, a clip of audio and a video.
+    ordinary_ids: ``[N] int32``, the ids of learned pieces (``\n`` included; no special,
+      unknown or byte-fallback id), for making random text.
   """
 
   def __init__(self, model_path: str | pathlib.Path = DEFAULT_MODEL):
@@ -63,6 +65,10 @@ class Tokenizer:
     (self.image_id, self.audio_id, self.begin_image_id, self.end_image_id,
      self.begin_audio_id, self.end_audio_id, self.begin_video_id,
      self.end_video_id) = (ids[p] for p in MODALITY_TOKENS)
+    self.ordinary_ids = np.asarray(
+        [i for i in range(self.vocab_size) if not (self._sp.is_control(i) or
+                                                   self._sp.is_unknown(i) or self._sp.is_byte(i))],
+        np.int32)
     self._special_pattern = re.compile(
         '(' + '|'.join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ')')
 

@@ -193,12 +193,23 @@ def test_dropless_matches_loop_reference(case, implementation, k, shared_expert)
     np.testing.assert_array_equal(run['y_BTD'][~run['valid']], 0.0)
 
 
+@pytest.mark.parametrize('k, shape, invalid', [(1, (2, 1), ((1, 0),)), (2, (1, 1), ())])
+def test_decoding_few_slots_gathers_their_experts(k, shape, invalid):
+  # X * k slots with 2 X k <= E (decoding a row or two): each slot with its expert's weights.
+  assert MoE(D, F, E, k, dispatch='dropless', rngs=nnx.Rngs(0)).dropless_buffer(
+      math.prod(shape)) == 'slots'
+  run = _run(dispatch='dropless', k=k, shared_expert=False, seed=k, shape=shape,
+             invalid=invalid)
+  _assert_matches_reference(run)
+  np.testing.assert_array_equal(run['y_BTD'][~run['valid']], 0.0)
+
+
 def test_dropless_buffer_is_the_smaller_layout(monkeypatch):
   moe = MoE(D, F, E, 2, dispatch='dropless', rngs=nnx.Rngs(0))
   monkeypatch.setattr(gmm, 'default_implementation', lambda: 'tiled')  # 128-row tiles
-  # E * X rows against at most X * k + E * 127: equal at X = 254.
-  assert [moe.dropless_buffer(x) for x in (1, 8, 254, 255, 4096)] == (
-      ['tokens'] * 3 + ['tiles'] * 2)
+  # 2 X k <= E (4): per-slot weights. E * X rows against at most X * k + E * 127: equal at 254.
+  assert [moe.dropless_buffer(x) for x in (1, 2, 8, 254, 255, 4096)] == (
+      ['slots'] + ['tokens'] * 3 + ['tiles'] * 2)
   monkeypatch.setattr(gmm, 'default_implementation', lambda: 'ragged_dot')  # 8-row tiles
   assert [moe.dropless_buffer(x) for x in (14, 15)] == ['tokens', 'tiles']
 

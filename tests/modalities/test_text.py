@@ -41,6 +41,16 @@ def test_round_trip_real_documents():
     assert TOKENIZER.decode(TOKENIZER.encode(text)) == text, path
 
 
+def test_ordinary_ids_are_the_learned_pieces():
+  ordinary = TOKENIZER.ordinary_ids
+  assert ordinary.dtype == np.int32 and len(set(ordinary.tolist())) == len(ordinary)
+  # The vocabulary is the special ids, the 256 byte pieces and these.
+  assert len(ordinary) == TOKENIZER.vocab_size - len(SPECIAL_IDS) - 256
+  assert not SPECIAL_IDS.intersection(ordinary.tolist())
+  assert all(TOKENIZER.decode([i]) for i in ordinary)  # each one decodes to some text
+  assert TOKENIZER.encode('\n')[0] in ordinary
+
+
 def test_text_never_yields_special_ids():
   text = ' '.join(text_lib.SPECIAL_TOKENS) + '<image><t=3s></s><s>'
   ids = TOKENIZER.encode(text)
