@@ -14,6 +14,7 @@ whitespace kept, byte fallback for unseen characters), except that U+2581 ``▁`
 SentencePiece's own space marker, decodes to a space.
 """
 
+import functools
 import pathlib
 import re
 
@@ -65,12 +66,15 @@ class Tokenizer:
     (self.image_id, self.audio_id, self.begin_image_id, self.end_image_id,
      self.begin_audio_id, self.end_audio_id, self.begin_video_id,
      self.end_video_id) = (ids[p] for p in MODALITY_TOKENS)
-    self.ordinary_ids = np.asarray(
-        [i for i in range(self.vocab_size) if not (self._sp.is_control(i) or
-                                                   self._sp.is_unknown(i) or self._sp.is_byte(i))],
-        np.int32)
     self._special_pattern = re.compile(
         '(' + '|'.join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ')')
+
+  @functools.cached_property
+  def ordinary_ids(self) -> np.ndarray:
+    # Computed on first use: a scan of the whole vocabulary that most tokenizers never need.
+    sp = self._sp
+    return np.asarray([i for i in range(self.vocab_size)
+                       if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))], np.int32)
 
   def time_stamp_id(self, second: int) -> int:
     """The id of ``<t={second}s>``, for 0 <= second <= MAX_TIME_STAMP."""
