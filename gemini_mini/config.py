@@ -30,6 +30,7 @@ class ModelConfig:
 
   vocab_size: int = 8192
   d_model: int = 256
+  tie_embeddings: bool = False   # output head = input table (TokenEmbed): copying generalizes
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 1          # 1 = multi-query; num_heads = multi-head; between = GQA
@@ -108,6 +109,7 @@ class DataConfig:
   haystack_weight: float = 0.0  # documents with hidden key-value needles -> one value
   arithmetic_weight: float = 0.0  # a sum of 2-3 numbers -> its worked steps
   audio_haystack_weight: float = 0.0  # speech with one spoken keyword -> the keyword
+  repeat_weight: float = 0.0   # a span of frequent pieces, then the span again (copying)
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):

@@ -174,7 +174,8 @@ class Decoder(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = compute_dtype(config)
-    self.text = TokenEmbed(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
+    self.text = TokenEmbed(config.vocab_size, config.d_model, tied=config.tie_embeddings,
+                           dtype=dtype, rngs=rngs)
     self.image = FeatureEmbed(config.patch_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
     self.audio = FeatureEmbed(config.audio_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
     if config.scan_layers:

@@ -21,6 +21,15 @@ def test_active_equals_total_for_a_dense_model():
   assert counts['active'] == counts['total']
 
 
+def test_tied_embeddings_drop_the_output_matrix():
+  untied = config_lib.load('configs/test.yaml').model
+  tied = config_lib.load('configs/test.yaml', ['model.tie_embeddings=true']).model
+  assert 'text/unembedding_DV' in param_shapes(untied)
+  assert 'text/unembedding_DV' not in param_shapes(tied)
+  saved = untied.vocab_size * untied.d_model
+  assert count_params(tied) == {key: value - saved for key, value in count_params(untied).items()}
+
+
 def test_param_shapes_name_every_parameter_and_add_up_to_the_total():
   m = config_lib.load('configs/test.yaml').model
   shapes = param_shapes(m)

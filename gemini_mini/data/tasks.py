@@ -15,6 +15,7 @@ video           video_clips          ``<bos>`` video ``Word:`` | `` {word}<t=Ns>
 haystack        text_corpus          ``<bos>`` text with needles, questions | `` {value}<eos>``
 arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `` {steps}<eos>``
 audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
+repeat          (generated)          ``<bos>Repeat:`` {span} | {span}``<eos>``
 ==============  ===================  ================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
@@ -40,6 +41,7 @@ from gemini_mini.data import (
   examples,
   image_caption,
   needles,
+  repeat,
   speech,
   text_corpus,
   video_clips,
@@ -192,5 +194,6 @@ TASKS = (
     Task('haystack', text_corpus, haystack_example),
     Task('arithmetic', None, arithmetic.arithmetic_example),
     Task('audio_haystack', audio_haystack, audio_haystack.audio_haystack_example),
+    Task('repeat', None, repeat.repeat_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

@@ -13,16 +13,25 @@ from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 class TokenEmbed(nnx.Module):
   """Token ids to vectors (``embed``) and vectors to vocabulary logits (``logits``).
 
-  Input and output matrices are separate (untied): at this scale tying costs quality and
-  saves little. Logits are float32 for a stable softmax.
+  With ``tied`` the output head is the input table itself, scaled by ``D ** -0.5`` so logits
+  start at unit scale: ``logits = x @ E.T / sqrt(D)``. Copying a token from the context then
+  needs one map shared by the whole vocabulary (attention's value-output product near the
+  identity), where untied matrices need each token's two vectors aligned one by one, which
+  rare tokens seldom train (docs/retrieval.md). Logits are float32 for a stable softmax.
   """
 
-  def __init__(self, vocab_size: int, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, vocab_size: int, d_model: int, *, tied: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.dtype = dtype
     self.embedding_VD = param(rngs, nnx.initializers.normal(1.0), (vocab_size, d_model),
                               ('vocab', 'embed'))
-    self.unembedding_DV = param(rngs, fan_in_init(d_model), (d_model, vocab_size),
-                                ('embed', 'vocab'))
+    if not tied:
+      self.unembedding_DV = param(rngs, fan_in_init(d_model), (d_model, vocab_size),
+                                  ('embed', 'vocab'))
+
+  @property
+  def tied(self) -> bool:
+    return not hasattr(self, 'unembedding_DV')
 
   def embed(self, tokens_BT: jax.Array) -> jax.Array:
     """``tokens_BT`` int -> ``x_BTD`` in ``dtype``."""
@@ -30,9 +39,15 @@ class TokenEmbed(nnx.Module):
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """``x_BTD`` -> ``logits_BTV`` float32."""
-    logits_XV = jnp.einsum('XD,DV->XV', flatten_tokens(x_BTD).astype(self.dtype),
-                           self.unembedding_DV[...].astype(self.dtype),
-                           preferred_element_type=jnp.float32)
+    x_XD = flatten_tokens(x_BTD).astype(self.dtype)
+    if self.tied:
+      scale = self.embedding_VD.shape[1] ** -0.5
+      logits_XV = jnp.einsum('XD,VD->XV', x_XD * scale,
+                             self.embedding_VD[...].astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+    else:
+      logits_XV = jnp.einsum('XD,DV->XV', x_XD, self.unembedding_DV[...].astype(self.dtype),
+                             preferred_element_type=jnp.float32)
     return logits_XV.reshape(*x_BTD.shape[:-1], -1)
 
 

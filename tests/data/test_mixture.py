@@ -22,7 +22,7 @@ SHAPES = dict(num_patches=96, num_audio_frames=128, patch_dim=192, audio_dim=320
 BATCH, SEQ_LEN = 4, 384
 WORD_BOX_TOP = video_clips.WORD_BOX[1]
 WEIGHTS = {'text': 0.3, 'caption': 0.15, 'speech': 0.15, 'video': 0.15, 'haystack': 0.15,
-           'arithmetic': 0.1}
+           'arithmetic': 0.1, 'repeat': 0.1}
 
 
 def batches(data_dir, count, *, split='train', seed=0, process_index=0, process_count=1,
@@ -115,6 +115,10 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
           kind = 'arithmetic'
           problem = re.fullmatch(r'Question: (.*) = \?\nAnswer: .*', text, re.DOTALL).group(1)
           assert arithmetic.parse_answer(text) == eval(problem)  # noqa: S307 (digits, + and -)
+        elif text.startswith('Repeat:'):
+          kind = 'repeat'
+          span = tokens[1 + len(tokenizer.encode('Repeat:')):-1]
+          np.testing.assert_array_equal(span[:len(span) // 2], span[len(span) // 2:])
         elif tokenizer.begin_image_id in tokens:
           kind = 'caption'
           caption = text.removeprefix('Caption: ')

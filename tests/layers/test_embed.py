@@ -45,6 +45,35 @@ def test_token_logits_are_float32_x_times_unembedding():
   assert not np.allclose(embed.unembedding_DV[...], embed.embedding_VD[...].T)
 
 
+def test_tied_logits_read_the_input_table_scaled():
+  embed = TokenEmbed(V, D, tied=True, rngs=nnx.Rngs(1))
+  assert embed.tied and not hasattr(embed, 'unembedding_DV')
+  assert set(nnx.to_pure_dict(nnx.state(embed))) == {'embedding_VD'}
+  x_BTD = _rand((2, 3, D))
+  logits_BTV = embed.logits(x_BTD)
+  assert logits_BTV.shape == (2, 3, V) and logits_BTV.dtype == jnp.float32
+  table_VD = np.asarray(embed.embedding_VD[...], np.float64)
+  expected = np.asarray(x_BTD, np.float64) @ table_VD.T / math.sqrt(D)
+  np.testing.assert_allclose(logits_BTV, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_tied_embedding_gets_gradient_from_both_uses():
+  """The one table is trained by the lookup and by the output head."""
+  embed = TokenEmbed(V, D, tied=True, rngs=nnx.Rngs(3))
+  tokens_BT = jnp.asarray([[2, 5]], jnp.int32)
+
+  def loss(module):
+    return module.logits(module.embed(tokens_BT))[..., 7].sum()
+
+  grad_VD = np.asarray(nnx.grad(loss)(embed)['embedding_VD'][...])
+  table_VD = np.asarray(embed.embedding_VD[...], np.float64)
+  # d/dE of sum_t (E[tok_t] . E[7]) / sqrt(D): rows 2 and 5 get E[7]/sqrt(D), row 7 the sum.
+  expected = np.zeros((V, D))
+  expected[[2, 5]] += table_VD[7] / math.sqrt(D)
+  expected[7] += (table_VD[2] + table_VD[5]) / math.sqrt(D)
+  np.testing.assert_allclose(grad_VD, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_token_embed_bfloat16():
   embed = TokenEmbed(V, D, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
   assert embed.embedding_VD[...].dtype == embed.unembedding_DV[...].dtype == jnp.float32
