@@ -211,8 +211,9 @@ class Mixture:
       offset = self._cursors[row][1]
       if self._tasks[k].cuttable:
         piece = example.tokens[offset:offset + self._room[0] - used[0]]
-        pieces.append(interleave.FlatExample(piece, example.modality[offset:offset + len(piece)],
-                                             example.patches, example.audio))
+        cut = slice(offset, offset + len(piece))
+        pieces.append(interleave.FlatExample(piece, example.modality[cut], example.patches,
+                                             example.audio, example.scored[cut]))
         used[0] += len(piece)
         self._cursors[row][1] += len(piece)
         if self._cursors[row][1] >= len(example.tokens):

@@ -1,19 +1,21 @@
 """Repeated spans: a training task that reads no dataset and teaches copying from context.
 
-    <bos> Repeat: | the 1 , of 3 | the 1 , of 3 <eos>    (pieces; | marks the two copies)
+    <bos> Repeat: | the 1 , of 3 | the 1 , of 3 <eos>    (pieces; | marks the segments)
 
 A span of ``MIN_SPAN`` to ``MAX_SPAN`` pieces drawn uniformly from the ``POOL_SIZE`` most
 frequent pieces and the ten digits, then the same span again. The second copy is predictable
 only by looking back: find where the previous piece occurred in the first copy and copy the
 piece after it, the induction-head circuit (Olsson et al. 2022) that needle retrieval needs.
 
+The first copy is kept out of the loss (``Segment.text(..., loss=False)``): it is noise to
+predict, and with it in the loss the circuit formed far later (``bench/induction.py``: below
+1 nat at step 115 without it, still above 4 nats at step 140 with it).
+
 Why this task exists: trained on haystacks alone, the nano model never formed that circuit,
-and a needle's digits give almost no signal until it exists. On clean copy data (loss on the
-second copy only, ``bench/induction.py``) the nano shape with tied embeddings forms it in
-about 115 steps of 4,096 tokens; spans from the whole vocabulary stay near chance for
-hundreds of steps, as each piece's embedding trains too seldom. In a ``train.py`` mixture,
-where the first copy is in the loss too, it has not formed within 600 steps: the figures and
-commands are in docs/retrieval.md.
+and a needle's digits give almost no signal until it exists. On clean copy data the nano
+shape with tied embeddings forms it in about 115 steps of 4,096 tokens; spans from the whole
+vocabulary stay near chance for hundreds of steps, as each piece's embedding trains too
+seldom. Figures and commands: docs/retrieval.md.
 """
 
 import numpy as np
@@ -36,11 +38,11 @@ def pool(tokenizer: Tokenizer) -> np.ndarray:
 
 def repeat_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                    room: Room) -> Example:
-  """``<bos>Repeat:`` span, then the span again and ``<eos>`` (the span never exceeds the
-  row: at most ``(room.positions - 4) // 2`` pieces)."""
+  """``<bos>Repeat:``, the span (out of the loss: it cannot be predicted), then the span
+  again and ``<eos>``; the span fits the row (at most ``(positions - 6) // 2`` pieces)."""
   del next_record
-  prompt = tokenizer.encode('Repeat:')
-  longest = max(1, min(MAX_SPAN, (room.positions - len(prompt) - 2) // 2))
+  prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')])
+  longest = max(1, min(MAX_SPAN, (room.positions - len(prompt) - 1) // 2))
   span = rng.choice(pool(tokenizer), int(rng.integers(min(MIN_SPAN, longest), longest + 1)))
-  return [Segment.text(np.concatenate([[tokenizer.bos_id], prompt, span, span,
-                                       [tokenizer.eos_id]]).astype(np.int32))]
+  return [Segment.text(prompt), Segment.text(span, loss=False),
+          Segment.text(np.append(span, tokenizer.eos_id))]

@@ -2,12 +2,13 @@
 
 An example is a list of ``Segment``s (``modalities.segments``). Every task but ``text`` is
 a *prompt* followed by an *answer*; training sees both (the loss falls on every text
-position), and evaluation (``eval.py``) gives the prompt alone and compares what the model
-generates with the answer, so the two share these functions and can never drift apart:
+position but the first copy of a ``repeat`` span, which cannot be predicted), and evaluation
+(``eval.py``) gives the prompt alone and compares what the model generates with the answer,
+so the two share these functions and can never drift apart:
 
-==============  ===================  ================================================
+==============  ===================  =====================================================
 task            dataset              example (``|`` separates prompt from answer)
-==============  ===================  ================================================
+==============  ===================  =====================================================
 text            text_corpus          ``<bos>`` document ``<eos>`` (cut across rows)
 caption         image_caption        ``<bos>`` image ``Caption:`` | `` {caption}<eos>``
 speech          speech_transcripts   ``<bos>`` audio ``Transcript:`` | `` {text}<eos>``
@@ -15,8 +16,8 @@ video           video_clips          ``<bos>`` video ``Word:`` | `` {word}<t=Ns>
 haystack        text_corpus          ``<bos>`` text with needles, questions | `` {value}<eos>``
 arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `` {steps}<eos>``
 audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
-repeat          (generated)          ``<bos>Repeat:`` {span} | {span}``<eos>``
-==============  ===================  ================================================
+repeat          (generated)          ``<bos>Repeat:`` {span, out of the loss} | {span}``<eos>``
+==============  ===================  =====================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
 (``modalities.video``); it joins the frames of one or more clips, 4 seconds up to what the row

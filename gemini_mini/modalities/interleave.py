@@ -11,8 +11,9 @@ frames are kept in order of appearance.
 example that does not fit in what is left of the row, in positions, patches or audio frames,
 starts the next row). Example k of a row is segment k + 1 with positions 0, 1, ...; padding
 is segment 0. ``targets`` is the next token of the same segment (0 elsewhere) and
-``loss_mask`` is 1 exactly where that target exists and is a text position: the model never
-learns to predict placeholders, and nothing is predicted across examples. An example that
+``loss_mask`` is 1 exactly where that target exists and is a scored text position (text of a
+segment made with ``loss=True``, the default): the model never learns to predict
+placeholders, and nothing is predicted across examples. An example that
 can never fit (longer than ``seq_len``, or with more patches or frames than a row holds) is
 rejected, not truncated: a cut image or clip would be meaningless.
 """
@@ -35,12 +36,15 @@ class FlatExample:
     modality: ``[L] int8`` (``Modality``).
     patches: ``[P, I] float32``, one row per image position in order (``[0, 0]`` if none).
     audio: ``[A, I] float32``, one row per audio position in order (``[0, 0]`` if none).
+    scored: ``[L] bool``, the positions training predicts: text of ``loss=True`` segments
+      (image and audio brackets included), never placeholders.
   """
 
   tokens: np.ndarray
   modality: np.ndarray
   patches: np.ndarray
   audio: np.ndarray
+  scored: np.ndarray
 
 
 def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
@@ -59,7 +63,7 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
                            tokenizer.begin_image_id, tokenizer.end_image_id),
                  'audio': (tokenizer.audio_id, Modality.AUDIO,
                            tokenizer.begin_audio_id, tokenizer.end_audio_id)}
-  tokens, modality, items = [], [], {'image': [], 'audio': []}
+  tokens, modality, scored, items = [], [], [], {'image': [], 'audio': []}
   for index, segment in enumerate(segments):
     if not isinstance(segment, Segment):
       raise ValueError(f'example item {index} is a {type(segment).__name__}, not a Segment; '
@@ -71,11 +75,13 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
                          'images and audio as Segment.image / Segment.audio instead')
       tokens.append(segment.data)
       modality.append(np.full(len(segment.data), Modality.TEXT, np.int8))
+      scored.append(np.full(len(segment.data), segment.loss))
       continue
     token_id, kind, begin, end = placeholder[segment.kind]
     count = len(segment.data)
     tokens.append(np.array([begin] + [token_id] * count + [end], np.int32))
     modality.append(np.array([Modality.TEXT] + [kind] * count + [Modality.TEXT], np.int8))
+    scored.append(np.array([True] + [False] * count + [True]))
     items[segment.kind].append(segment.data)
 
   def stack(kind):
@@ -88,7 +94,8 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
   return FlatExample(
       tokens=np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32),
       modality=np.concatenate(modality) if modality else np.zeros(0, np.int8),
-      patches=stack('image'), audio=stack('audio'))
+      patches=stack('image'), audio=stack('audio'),
+      scored=np.concatenate(scored) if scored else np.zeros(0, bool))
 
 
 def _check_fits(index: int, example: FlatExample, seq_len: int, num_patches: int,
@@ -111,13 +118,14 @@ def _check_fits(index: int, example: FlatExample, seq_len: int, num_patches: int
                        f'build them for {keys[1]} = {dim}')
 
 
-def row_fields(tokens: Sequence[np.ndarray], modality: Sequence[np.ndarray], seq_len: int
-               ) -> dict[str, np.ndarray]:
+def row_fields(tokens: Sequence[np.ndarray], modality: Sequence[np.ndarray], seq_len: int,
+               scored: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Per-position fields ``[T]`` of one row holding pieces left to right, each its own segment.
 
   Piece i (``tokens[i]`` and ``modality[i]``, ``[L_i]``) is segment i + 1 with positions
   0, 1, ...; the rest is padding (segment 0). ``targets`` is the next token of the same
-  segment (else 0) and ``loss_mask`` is 1 exactly where that target exists and is text.
+  segment (else 0) and ``loss_mask`` is 1 exactly where that target exists, is text and is
+  scored (``scored[i]``, ``[L_i] bool``; None scores every text position).
   """
   lengths = np.array([len(piece) for piece in tokens], np.int64)
   used = int(lengths.sum())
@@ -131,12 +139,15 @@ def row_fields(tokens: Sequence[np.ndarray], modality: Sequence[np.ndarray], seq
     fields['modality'][:used] = np.concatenate(modality)
     fields['segment_ids'][:used] = np.repeat(np.arange(1, len(tokens) + 1), lengths)
     fields['positions'][:used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+  is_scored = np.zeros(seq_len, bool)
+  is_scored[:used] = np.concatenate(scored) if scored is not None and used else True
   segment_ids = fields['segment_ids']
   has_target = np.zeros(seq_len, bool)
   has_target[:-1] = (segment_ids[:-1] != 0) & (segment_ids[1:] == segment_ids[:-1])
   target_is_text = np.append(fields['modality'][1:] == Modality.TEXT, False)
+  target_is_scored = np.append(is_scored[1:], False)
   fields['targets'] = np.where(has_target, np.roll(fields['tokens'], -1), 0).astype(np.int32)
-  fields['loss_mask'] = (has_target & target_is_text).astype(np.float32)
+  fields['loss_mask'] = (has_target & target_is_text & target_is_scored).astype(np.float32)
   return fields
 
 
@@ -167,7 +178,8 @@ def pack_rows(rows: Sequence[Sequence[FlatExample]], *, seq_len: int, num_patche
                            f'{len(out)}; choose fewer examples for it')
         out[:len(items)] = items
     fields.append(row_fields([example.tokens for example in row],
-                             [example.modality for example in row], seq_len))
+                             [example.modality for example in row], seq_len,
+                             [example.scored for example in row]))
   return Batch(**{name: np.stack([row[name] for row in fields]) for name in fields[0]},
                patches=patches, audio=audio)
 

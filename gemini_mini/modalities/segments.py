@@ -25,10 +25,13 @@ class Segment:
     kind: 'text', 'image' or 'audio'.
     data: text: token ids ``[L] int32``; image: patches ``[P, I] float32`` (``patchify``);
       audio: stacked log-mel frames ``[A, I] float32`` (``stack_frames``). Never empty.
+    loss: text only: whether training predicts these tokens. False for context that cannot be
+      predicted (the first copy of a ``repeat`` span), so it adds no noise to the gradient.
   """
 
   kind: Kind
   data: np.ndarray
+  loss: bool = True
 
   def __post_init__(self):
     data = self.data
@@ -44,13 +47,17 @@ class Segment:
                          f'{"image.patchify" if self.kind == "image" else "audio.stack_frames"}')
     else:
       raise ValueError(f"segment kind {self.kind!r} is not 'text', 'image' or 'audio'")
+    if not self.loss and self.kind != 'text':
+      raise ValueError(f'{self.kind} positions are never predicted, so loss=False applies to '
+                       'text segments only; drop the argument')
     if len(data) == 0:
       raise ValueError(f'an empty {self.kind} segment; drop it from the example')
 
   @classmethod
-  def text(cls, ids) -> 'Segment':
-    """Token ids ``[L]`` (special ids included as they are)."""
-    return cls('text', np.asarray(ids, np.int32))
+  def text(cls, ids, *, loss: bool = True) -> 'Segment':
+    """Token ids ``[L]`` (special ids included as they are); ``loss=False`` keeps them out
+    of the training loss."""
+    return cls('text', np.asarray(ids, np.int32), loss)
 
   @classmethod
   def image(cls, patches_PI) -> 'Segment':
@@ -63,4 +70,5 @@ class Segment:
     return cls('audio', np.asarray(frames_AI, np.float32))
 
   def __repr__(self):
-    return f'Segment.{self.kind}({"x".join(map(str, self.data.shape))})'
+    unscored = '' if self.loss else ', loss=False'
+    return f'Segment.{self.kind}({"x".join(map(str, self.data.shape))}{unscored})'

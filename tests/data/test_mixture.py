@@ -87,9 +87,9 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
     assert last[batch.tokens == tokenizer.eos_id].all()
     next_is_text = np.append(batch.modality[:, 1:] == Modality.TEXT, np.zeros((BATCH, 1), bool),
                              axis=1)
-    np.testing.assert_array_equal(batch.loss_mask, ~last & next_is_text & (batch.segment_ids > 0))
+    expected_loss_mask = ~last & next_is_text & (batch.segment_ids > 0)
     for row in range(BATCH):
-      for tokens, modality, patches, audio in segments_of(batch, row):
+      for segment, (tokens, modality, patches, audio) in enumerate(segments_of(batch, row), 1):
         text = tokenizer.decode(tokens[modality == Modality.TEXT])
         if tokens[0] != tokenizer.bos_id:
           continue  # the rest of a document cut in an earlier batch
@@ -117,8 +117,12 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
           assert arithmetic.parse_answer(text) == eval(problem)  # noqa: S307 (digits, + and -)
         elif text.startswith('Repeat:'):
           kind = 'repeat'
-          span = tokens[1 + len(tokenizer.encode('Repeat:')):-1]
+          prompt = 1 + len(tokenizer.encode('Repeat:'))
+          span = tokens[prompt:-1]
           np.testing.assert_array_equal(span[:len(span) // 2], span[len(span) // 2:])
+          # The first copy is never a target in the loss (loss_mask[p] scores token p + 1).
+          start = int(np.nonzero(batch.segment_ids[row] == segment)[0][0]) + prompt
+          expected_loss_mask[row, start - 1:start - 1 + len(span) // 2] = False
         elif tokenizer.begin_image_id in tokens:
           kind = 'caption'
           caption = text.removeprefix('Caption: ')
@@ -134,6 +138,7 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
         if kind != 'text':
           assert tokens[-1] == tokenizer.eos_id  # whole
         seen.add(kind)
+    np.testing.assert_array_equal(batch.loss_mask, expected_loss_mask)
   assert seen == set(WEIGHTS)
 
 

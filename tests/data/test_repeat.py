@@ -1,10 +1,11 @@
-"""Repeat task: the span twice, drawn from the pool, reproducible, fitting its row."""
+"""Repeat task: the span twice, the first copy out of the loss, from the pool, fitting its row."""
 
 import numpy as np
 import pytest
 
 from gemini_mini.data import repeat
 from gemini_mini.data.examples import Room
+from gemini_mini.modalities import interleave
 from gemini_mini.modalities.text import Tokenizer
 
 
@@ -17,27 +18,38 @@ def no_records():
   raise AssertionError('the repeat task reads no dataset')
 
 
-def example_ids(seed, tokenizer, positions=512):
-  [segment] = repeat.repeat_example(no_records, tokenizer, np.random.default_rng(seed),
-                                    Room(positions, 0, 0))
-  return np.asarray(segment.data)
+def example(seed, tokenizer, positions=512):
+  return repeat.repeat_example(no_records, tokenizer, np.random.default_rng(seed),
+                               Room(positions, 0, 0))
 
 
 def test_the_span_comes_twice_after_the_prompt(tokenizer):
-  prompt = list(tokenizer.encode('Repeat:'))
   pool = set(repeat.pool(tokenizer).tolist())
   lengths = set()
   for seed in range(100):
-    ids = example_ids(seed, tokenizer)
-    assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
-    assert list(ids[1:1 + len(prompt)]) == prompt
-    body = ids[1 + len(prompt):-1]
-    half = len(body) // 2
-    assert len(body) == 2 * half
-    np.testing.assert_array_equal(body[:half], body[half:])
-    assert set(body.tolist()) <= pool
-    lengths.add(half)
+    prompt, first, second = example(seed, tokenizer)
+    np.testing.assert_array_equal(
+        prompt.data, np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')]))
+    np.testing.assert_array_equal(second.data, np.append(first.data, tokenizer.eos_id))
+    assert set(first.data.tolist()) <= pool
+    lengths.add(len(first.data))
   assert min(lengths) == repeat.MIN_SPAN and max(lengths) == repeat.MAX_SPAN
+
+
+def test_only_the_second_copy_and_the_prompt_are_in_the_loss(tokenizer):
+  segments = example(3, tokenizer)
+  flat = interleave.flatten(segments, tokenizer)
+  prompt, span = len(segments[0].data), len(segments[1].data)
+  expected = np.ones(len(flat.tokens), bool)
+  expected[prompt:prompt + span] = False
+  np.testing.assert_array_equal(flat.scored, expected)
+  batch, _ = interleave.pack_examples([flat], batch_size=1, seq_len=len(flat.tokens) + 3,
+                                      num_patches=1, num_audio_frames=1, patch_dim=4,
+                                      audio_dim=4)
+  # Position p predicts token p + 1: the first copy's tokens are never targets in the loss.
+  targets_in_loss = np.nonzero(batch.loss_mask[0])[0] + 1
+  assert set(targets_in_loss) == (set(range(1, len(flat.tokens)))
+                                  - set(range(prompt, prompt + span)))
 
 
 def test_pool_is_frequent_pieces_and_every_digit(tokenizer):
@@ -50,8 +62,10 @@ def test_pool_is_frequent_pieces_and_every_digit(tokenizer):
 
 
 def test_same_seed_same_example_and_short_rows_are_respected(tokenizer):
-  np.testing.assert_array_equal(example_ids(7, tokenizer), example_ids(7, tokenizer))
-  assert not np.array_equal(example_ids(7, tokenizer), example_ids(8, tokenizer))
+  ids = lambda seed, positions=512: interleave.flatten(
+      example(seed, tokenizer, positions), tokenizer).tokens
+  np.testing.assert_array_equal(ids(7), ids(7))
+  assert not np.array_equal(ids(7), ids(8))
   for positions in (12, 20, 40):
     for seed in range(20):
-      assert len(example_ids(seed, tokenizer, positions)) <= positions
+      assert len(ids(seed, positions)) <= positions

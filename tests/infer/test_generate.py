@@ -72,7 +72,8 @@ def reference_greedy(forward, prompts, max_new_tokens):
       examples[row] = interleave.FlatExample(
           tokens=np.append(example.tokens, token).astype(np.int32),
           modality=np.append(example.modality, Modality.TEXT).astype(np.int8),
-          patches=example.patches, audio=example.audio)
+          patches=example.patches, audio=example.audio,
+          scored=np.append(example.scored, True))
   return [np.array(tokens, np.int32) for tokens in generated]
 
 

@@ -61,6 +61,22 @@ def test_hand_built_row():
       np.int32, np.int8, np.float32)
 
 
+def test_unscored_text_is_never_a_target_in_the_loss():
+  """``Segment.text(..., loss=False)`` positions are context only; everything else as before."""
+  patches = RNG.normal(size=(1, PATCH_DIM)).astype(np.float32)
+  example = interleave.flatten([Segment.text([1, 100]), Segment.text([101, 102], loss=False),
+                                Segment.image(patches), Segment.text([103, 2])], TOKENIZER)
+  np.testing.assert_array_equal(
+      example.scored, [True, True, False, False, True, False, True, True, True])
+  batch, _ = pack([example], batch_size=1, seq_len=12)
+  # tokens 1 100 101 102 BOI IMG EOI 103 2: position p scores token p + 1, so 101 and 102
+  # (targets of positions 1 and 2) and the placeholder drop out.
+  assert batch.loss_mask[0].tolist() == [1, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 0]
+  assert batch.targets[0, :8].tolist() == [100, 101, 102, BOI, IMG, EOI, 103, 2]
+  with pytest.raises(ValueError, match='loss=False applies to text segments only'):
+    Segment('image', patches, loss=False)
+
+
 def text_example(marker, length):
   return interleave.flatten([Segment.text([marker] * length)], TOKENIZER)
 
