@@ -17,7 +17,6 @@ docs/retrieval.md.
 """
 
 import argparse
-import dataclasses
 import math
 import time
 
@@ -35,29 +34,22 @@ from gemini_mini.train.step import abstract_train_state, init_train_state, make_
 
 
 def copy_batch(rng, pool_ids, args, tokenizer, model):
-  """One packed batch of repeated spans; with ``copy_loss_only`` the loss mask keeps the
-  second copy's positions after its first piece (those an induction head can predict)."""
+  """One packed batch of repeated spans; with ``copy_loss_only`` only the second copy after
+  its first piece is in the loss (the tokens an induction head can predict)."""
   examples, total = [], 0
   while total < args.batch * args.seq_len * 1.2:
     span = rng.choice(pool_ids, int(rng.integers(args.span_min, args.span_max + 1)))
-    ids = np.concatenate([[tokenizer.bos_id], span, span, [tokenizer.eos_id]])
-    examples.append(interleave.flatten([Segment.text(ids)], tokenizer))
-    total += len(ids)
+    unpredictable = not args.copy_loss_only
+    example = interleave.flatten([
+        Segment.text(np.concatenate([[tokenizer.bos_id], span, span[:1]]), loss=unpredictable),
+        Segment.text(span[1:]),
+        Segment.text([tokenizer.eos_id], loss=unpredictable)], tokenizer)
+    examples.append(example)
+    total += len(example.tokens)
   batch, _ = interleave.pack_examples(
       examples, batch_size=args.batch, seq_len=args.seq_len, num_patches=1,
       num_audio_frames=1, patch_dim=model.patch_dim, audio_dim=model.audio_dim)
-  if not args.copy_loss_only:
-    return batch
-  segment_ids, positions = np.asarray(batch.segment_ids), np.asarray(batch.positions)
-  keep = np.zeros(segment_ids.shape, bool)
-  for row in range(segment_ids.shape[0]):
-    for segment in set(segment_ids[row].tolist()) - {0}:
-      inside = segment_ids[row] == segment
-      half = (inside.sum() - 2) // 2  # span length: the example is bos, 2 spans, eos
-      # Targets sit one position ahead: position p predicts token p + 1, and tokens
-      # half + 2 .. 2 half (the second copy after its first piece) are predictable.
-      keep[row] |= inside & (positions[row] > half) & (positions[row] < 2 * half)
-  return dataclasses.replace(batch, loss_mask=np.asarray(batch.loss_mask) * keep)
+  return batch
 
 
 def main():
@@ -77,8 +69,8 @@ def main():
   parser.add_argument('--threshold', type=float, default=1.0, help='nats')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
-  if not 1 <= args.span_min <= args.span_max or 2 * args.span_max + 2 > args.seq_len:
-    parser.error(f'spans of {args.span_min}-{args.span_max} pieces must be >= 1 and fit twice '
+  if not 2 <= args.span_min <= args.span_max or 2 * args.span_max + 2 > args.seq_len:
+    parser.error(f'spans of {args.span_min}-{args.span_max} pieces must be >= 2 and fit twice '
                  f'in --seq-len {args.seq_len}')
   try:
     config = config_lib.load(args.config, ['model.attention_kernel=dense', *args.overrides])

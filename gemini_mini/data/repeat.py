@@ -18,6 +18,8 @@ vocabulary stay near chance for hundreds of steps, as each piece's embedding tra
 seldom. Figures and commands: docs/retrieval.md.
 """
 
+import functools
+
 import numpy as np
 
 from gemini_mini.data.examples import Example, NextRecord, Room
@@ -29,6 +31,7 @@ MAX_SPAN = 32
 POOL_SIZE = 64
 
 
+@functools.cache  # once per tokenizer, not once per example
 def pool(tokenizer: Tokenizer) -> np.ndarray:
   """The pieces a span draws from: the ``POOL_SIZE`` most frequent ordinary pieces, and the
   digits (the values needles hide), sorted ids."""
