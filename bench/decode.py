@@ -131,7 +131,9 @@ def main():
   parser.add_argument('--json', metavar='FILE', help='also write the figures to this JSON file')
   args = parser.parse_args()
   try:
-    config = config_lib.load(args.config, args.overrides)
+    # The peer has an output head of its own (tie_word_embeddings=False), so this side too,
+    # whatever the config ties; a later override wins.
+    config = config_lib.load(args.config, ['model.tie_embeddings=false', *args.overrides])
   except config_lib.ConfigError as error:
     parser.error(str(error))
   m = config.model

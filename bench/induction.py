@@ -13,7 +13,7 @@ docs/retrieval.md.
 
   python bench/induction.py [--pool 64 --span-min 8 --span-max 32 --batch 16 --seq-len 256
                              --steps 300 --lr 3e-3 --warmup 50 --copy-loss-only]
-                            [--config configs/nano.yaml] [model.tie_embeddings=true ...]
+                            [--config configs/nano.yaml] [model.tie_embeddings=false ...]
 """
 
 import argparse

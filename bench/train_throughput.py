@@ -62,10 +62,11 @@ from gemini_mini.train.step import (
   make_train_step,
 )
 
-# The peers' shared shape (shared/peers/README.md): batch 8 x 512 whatever nano trains with;
-# later overrides win.
+# The peers' shared shape (shared/peers/README.md): batch 8 x 512 whatever nano trains with,
+# and an output head of its own as the peers have (nano ties it); later overrides win.
 SHARED_SHAPE = ['train.batch_size=8', 'train.seq_len=512', 'data.num_patches=64',
-                'data.num_audio_frames=64', 'model.attention_kernel=dense']
+                'data.num_audio_frames=64', 'model.attention_kernel=dense',
+                'model.tie_embeddings=false']
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PEERS_DIR = REPO / 'bench' / 'peers'
 PEER_SETUP = {'maxtext': 'bench/peers/setup_maxtext.sh', 'hf': 'bench/peers/setup_hf.sh'}

@@ -30,7 +30,7 @@ class ModelConfig:
 
   vocab_size: int = 8192
   d_model: int = 256
-  tie_embeddings: bool = False   # output head = input table (TokenEmbed): copying generalizes
+  tie_embeddings: bool = True    # output head = input table (TokenEmbed): copying generalizes
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 1          # 1 = multi-query; num_heads = multi-head; between = GQA
@@ -110,11 +110,16 @@ class DataConfig:
   arithmetic_weight: float = 0.0  # a sum of 2-3 numbers -> its worked steps
   audio_haystack_weight: float = 0.0  # speech with one spoken keyword -> the keyword
   repeat_weight: float = 0.0   # a span of frequent pieces, then the span again (copying)
+  # The first N training steps draw `repeat` examples alone, whatever the weights: the copy
+  # (induction) circuit that retrieval needs forms on clean copy data (docs/retrieval.md).
+  repeat_only_steps: int = 0
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):
       _require(getattr(self, name) > 0, f'data.{name}', f'must be positive, got {getattr(self, name)}')
     _require(bool(self.dir), 'data.dir', 'must name a directory')
+    _require(self.repeat_only_steps >= 0, 'data.repeat_only_steps',
+             f'must be >= 0 (0 = the mixture from the first step), got {self.repeat_only_steps}')
     for name, weight in self.weights().items():
       _require(weight >= 0, f'data.{name}_weight', f'must be >= 0 (0 = unused), got {weight}')
     _require(sum(self.weights().values()) > 0, 'data.text_weight',

@@ -9,9 +9,9 @@ from gemini_mini.param_count import count_params, param_shapes
 
 
 def test_nano_matches_the_peer_shape_plus_encoders():
-  # shared/peers/README.md: the shared shape (= nano without image/audio encoders) has
-  # 17,443,072 parameters, 8,005,888 active per token.
-  m = config_lib.load('configs/nano.yaml').model
+  # shared/peers/README.md: the shared shape (= nano without image/audio encoders, with an
+  # output head of its own) has 17,443,072 parameters, 8,005,888 active per token.
+  m = config_lib.load('configs/nano.yaml', ['model.tie_embeddings=false']).model
   encoders = (m.patch_dim + m.audio_dim) * m.d_model + 2 * (3 * m.d_model * m.d_ff + m.d_model)
   assert count_params(m) == {'total': 17_443_072 + encoders, 'active': 8_005_888 + encoders}
 
@@ -22,7 +22,7 @@ def test_active_equals_total_for_a_dense_model():
 
 
 def test_tied_embeddings_drop_the_output_matrix():
-  untied = config_lib.load('configs/test.yaml').model
+  untied = config_lib.load('configs/test.yaml', ['model.tie_embeddings=false']).model
   tied = config_lib.load('configs/test.yaml', ['model.tie_embeddings=true']).model
   assert 'text/unembedding_DV' in param_shapes(untied)
   assert 'text/unembedding_DV' not in param_shapes(tied)

@@ -1,15 +1,20 @@
 """Repeated spans: a training task that reads no dataset and teaches copying from context.
 
-    <bos> Repeat: | the 1 , of 3 | the 1 , of 3 <eos>    (pieces; | marks the segments)
+    <bos> Repeat: | the 1 , of 3 the | 1 , of 3 | <eos>    (pieces; | marks the segments)
 
 A span of ``MIN_SPAN`` to ``MAX_SPAN`` pieces drawn uniformly from the ``POOL_SIZE`` most
 frequent pieces and the ten digits, then the same span again. The second copy is predictable
 only by looking back: find where the previous piece occurred in the first copy and copy the
 piece after it, the induction-head circuit (Olsson et al. 2022) that needle retrieval needs.
 
-The first copy is kept out of the loss (``Segment.text(..., loss=False)``): it is noise to
-predict, and with it in the loss the circuit formed far later (``bench/induction.py``: below
-1 nat at step 115 without it, still above 4 nats at step 140 with it).
+Only the pieces an induction head can predict are in the loss: the second copy after its
+first piece. The rest stays out (``Segment.text(..., loss=False)``): the first copy is noise;
+nothing marks where it ends, so the piece that opens the second copy cannot be predicted;
+and ``<eos>`` after the last piece contradicts what looking back predicts there (the piece
+that followed it the first time). With the first copy in the loss the circuit formed far
+later (``bench/induction.py``: below 1 nat at step 115 without it, still above 4 nats at
+step 140 with it); with the opening piece and ``<eos>`` in the loss, the copy loss of a
+``train.py`` run on this task alone still stood at 2.1 nats at step 180 (docs/retrieval.md).
 
 Why this task exists: trained on haystacks alone, the nano model never formed that circuit,
 and a needle's digits give almost no signal until it exists. On clean copy data the nano
@@ -41,11 +46,12 @@ def pool(tokenizer: Tokenizer) -> np.ndarray:
 
 def repeat_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                    room: Room) -> Example:
-  """``<bos>Repeat:``, the span (out of the loss: it cannot be predicted), then the span
-  again and ``<eos>``; the span fits the row (at most ``(positions - 6) // 2`` pieces)."""
+  """``<bos>Repeat:``, the span, then the span again and ``<eos>``, with only the second
+  copy after its first piece in the loss (and the prompt, which is constant); the span fits
+  the row (at most ``(positions - 6) // 2`` pieces)."""
   del next_record
   prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')])
-  longest = max(1, min(MAX_SPAN, (room.positions - len(prompt) - 1) // 2))
+  longest = max(2, min(MAX_SPAN, (room.positions - len(prompt) - 1) // 2))
   span = rng.choice(pool(tokenizer), int(rng.integers(min(MIN_SPAN, longest), longest + 1)))
-  return [Segment.text(prompt), Segment.text(span, loss=False),
-          Segment.text(np.append(span, tokenizer.eos_id))]
+  return [Segment.text(prompt), Segment.text(np.append(span, span[0]), loss=False),
+          Segment.text(span[1:]), Segment.text([tokenizer.eos_id], loss=False)]

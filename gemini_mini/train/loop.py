@@ -75,10 +75,18 @@ class StopRequest:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
-def make_data(config: Config, split: str) -> Mixture:
-  """This process's share of the ``split`` batches of the configured task mixture."""
+def make_data(config: Config, split: str, after_step: int | None = None) -> Mixture:
+  """This process's share of the ``split`` batches of the configured task mixture.
+
+  With ``after_step``, the iterator that feeds training step ``after_step + 1``: the
+  ``repeat`` task alone while that step is within ``data.repeat_only_steps``, else the
+  mixture. The run swaps iterators after step ``data.repeat_only_steps``, so a checkpoint
+  always holds the state of the iterator its next step reads.
+  """
   m, d, t = config.model, config.data, config.train
-  return Mixture(d.dir, split, d.weights(), batch_size=t.batch_size, seq_len=t.seq_len,
+  repeat_only = after_step is not None and after_step < d.repeat_only_steps
+  weights = {'repeat': 1.0} if repeat_only else d.weights()
+  return Mixture(d.dir, split, weights, batch_size=t.batch_size, seq_len=t.seq_len,
                  seed=t.seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
                  patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset,
                  process_index=jax.process_index(), process_count=jax.process_count())
@@ -124,14 +132,15 @@ def run(config: Config) -> dict:
   if is_chief:  # builds the dataset on first use; the other processes wait for it
     prepare.ensure(config.data.dir, config.data.subset, config.data.weights())
   multihost_utils.sync_global_devices('data prepared')
-  train_data = make_data(config, 'train')
   graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
   if checkpointer.latest_step() is not None:
     start, state, data_state = checkpointer.restore(abstract)
+    train_data = make_data(config, 'train', after_step=start)
     train_data.set_state(data_state)
     message = f'resuming from step {start}'
   else:
     start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
+    train_data = make_data(config, 'train', after_step=0)
     message = 'starting'
   if is_chief:
     print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
@@ -179,6 +188,8 @@ def run(config: Config) -> dict:
         if writer:
           writer.write(step, values)
         last = {'step': step, **values}
+      if step == config.data.repeat_only_steps:
+        train_data = make_data(config, 'train', after_step=step)
       if step % t.checkpoint_every == 0 or step == t.steps:
         checkpointer.save(step, state, global_data_state(train_data))
         saved_step = step

@@ -120,9 +120,11 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
           prompt = 1 + len(tokenizer.encode('Repeat:'))
           span = tokens[prompt:-1]
           np.testing.assert_array_equal(span[:len(span) // 2], span[len(span) // 2:])
-          # The first copy is never a target in the loss (loss_mask[p] scores token p + 1).
+          # Neither the first copy, nor the second's first piece, nor <eos> is a target in
+          # the loss (loss_mask[p] scores token p + 1).
           start = int(np.nonzero(batch.segment_ids[row] == segment)[0][0]) + prompt
-          expected_loss_mask[row, start - 1:start - 1 + len(span) // 2] = False
+          expected_loss_mask[row, start - 1:start + len(span) // 2] = False
+          expected_loss_mask[row, start + len(span) - 1] = False
         elif tokenizer.begin_image_id in tokens:
           kind = 'caption'
           caption = text.removeprefix('Caption: ')

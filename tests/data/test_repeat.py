@@ -1,4 +1,5 @@
-"""Repeat task: the span twice, the first copy out of the loss, from the pool, fitting its row."""
+"""Repeat task: the span twice, only its predictable pieces in the loss, from the pool,
+fitting its row."""
 
 import numpy as np
 import pytest
@@ -27,29 +28,32 @@ def test_the_span_comes_twice_after_the_prompt(tokenizer):
   pool = set(repeat.pool(tokenizer).tolist())
   lengths = set()
   for seed in range(100):
-    prompt, first, second = example(seed, tokenizer)
+    prompt, first, second, end = example(seed, tokenizer)
     np.testing.assert_array_equal(
         prompt.data, np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')]))
-    np.testing.assert_array_equal(second.data, np.append(first.data, tokenizer.eos_id))
-    assert set(first.data.tolist()) <= pool
-    lengths.add(len(first.data))
+    span = first.data[:-1]
+    np.testing.assert_array_equal(np.concatenate([first.data, second.data]),
+                                  np.concatenate([span, span]))
+    np.testing.assert_array_equal(end.data, [tokenizer.eos_id])
+    assert set(span.tolist()) <= pool
+    lengths.add(len(span))
   assert min(lengths) == repeat.MIN_SPAN and max(lengths) == repeat.MAX_SPAN
 
 
-def test_only_the_second_copy_and_the_prompt_are_in_the_loss(tokenizer):
+def test_only_the_prompt_and_the_second_copy_after_its_first_piece_are_in_the_loss(tokenizer):
   segments = example(3, tokenizer)
   flat = interleave.flatten(segments, tokenizer)
-  prompt, span = len(segments[0].data), len(segments[1].data)
-  expected = np.ones(len(flat.tokens), bool)
-  expected[prompt:prompt + span] = False
-  np.testing.assert_array_equal(flat.scored, expected)
+  prompt, span = len(segments[0].data), len(segments[1].data) - 1
   batch, _ = interleave.pack_examples([flat], batch_size=1, seq_len=len(flat.tokens) + 3,
                                       num_patches=1, num_audio_frames=1, patch_dim=4,
                                       audio_dim=4)
-  # Position p predicts token p + 1: the first copy's tokens are never targets in the loss.
+  # Position p predicts token p + 1. Tokens: prompt, span, span, eos (hand-counted indices).
   targets_in_loss = np.nonzero(batch.loss_mask[0])[0] + 1
-  assert set(targets_in_loss) == (set(range(1, len(flat.tokens)))
-                                  - set(range(prompt, prompt + span)))
+  second_copy_after_its_first = range(prompt + span + 1, prompt + 2 * span)
+  assert set(targets_in_loss) == set(range(1, prompt)) | set(second_copy_after_its_first)
+  assert flat.tokens[prompt + 2 * span] == tokenizer.eos_id
+  np.testing.assert_array_equal(flat.tokens[second_copy_after_its_first],
+                                flat.tokens[prompt + 1:prompt + span])
 
 
 def test_pool_is_frequent_pieces_and_every_digit(tokenizer):

@@ -14,6 +14,7 @@ import pytest
 
 from gemini_mini import config as config_lib, parallel
 from gemini_mini.train.checkpoint import Checkpointer
+from gemini_mini.train.loop import make_data
 from gemini_mini.train.optimizer import make_optimizer
 from gemini_mini.train.step import abstract_train_state
 
@@ -86,10 +87,22 @@ def test_a_run_writes_metrics_tensorboard_and_checkpoints_and_learns(small_data_
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['20', '40']
 
 
+def test_the_first_repeat_only_steps_read_the_repeat_task_alone(small_data_dir):
+  config = config_lib.load(ROOT / 'configs/test.yaml', [
+      f'data.dir={small_data_dir}', 'data.repeat_only_steps=3', 'data.repeat_weight=0.5'])
+  tasks = {after: make_data(config, 'train', after_step=after).get_state()['tasks']
+           for after in range(5)}
+  assert tasks[0] == tasks[1] == tasks[2] == ['repeat']
+  assert tasks[3] == tasks[4] == ['text', 'caption', 'speech', 'video', 'repeat']
+  assert make_data(config, 'eval').get_state()['tasks'] == tasks[4]  # eval: the mixture
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(small_data_dir, tmp_path):
+  # The switch from repeat alone to the mixture (after step 7) comes before the kill, so the
+  # resumed run restores the mixture's iterator mid-stream.
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  common = ('train.steps=20', 'train.checkpoint_every=5')
+  common = ('train.steps=20', 'train.checkpoint_every=5', 'data.repeat_only_steps=7')
   assert run_train(small_data_dir, straight, *common).returncode == 0
   returncode = start_and_kill_when(small_data_dir, resumed, lambda d: (d / '10').is_dir(), *common)
   assert returncode == -signal.SIGKILL, 'the run ended before it could be killed'
@@ -100,6 +113,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(small_data_dir, tmp_pa
   assert sorted(a) == sorted(b) == list(range(1, 21))
   for step in range(1, 21):
     assert a[step]['loss'] == b[step]['loss'], step
+  assert a[7]['data/repeat_share'] > 0.5 and 'data/text_share' not in a[7]  # the rest: padding
+  assert 'data/repeat_share' not in a[20] and a[20]['data/text_share'] > 0
   (step_a, state_a), (step_b, state_b) = final_params(straight), final_params(resumed)
   assert step_a == step_b == 20
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
