@@ -166,7 +166,8 @@ def hand_count(m: config_lib.ModelConfig) -> int:
   layers = sum(attention + 2 * m.d_model + (moe if m.is_moe_layer(i) else mlp)
                for i in range(m.num_layers))
   encoders = (m.patch_dim + m.audio_dim) * m.d_model + 2 * (mlp + m.d_model)
-  return 2 * m.vocab_size * m.d_model + encoders + layers + m.d_model
+  tables = 1 if m.tie_embeddings else 2  # the input table, and the output head unless tied
+  return tables * m.vocab_size * m.d_model + encoders + layers + m.d_model
 
 
 @pytest.mark.parametrize('preset', ['nano', 'pro', 'ultra'])

@@ -13,14 +13,14 @@ nothing marks where it ends, so the piece that opens the second copy cannot be p
 and ``<eos>`` after the last piece contradicts what looking back predicts there (the piece
 that followed it the first time). With the first copy in the loss the circuit formed far
 later (``bench/induction.py``: below 1 nat at step 115 without it, still above 4 nats at
-step 140 with it); with the opening piece and ``<eos>`` in the loss, the copy loss of a
-``train.py`` run on this task alone still stood at 2.1 nats at step 180 (docs/retrieval.md).
+step 140 with it).
 
 Why this task exists: trained on haystacks alone, the nano model never formed that circuit,
 and a needle's digits give almost no signal until it exists. On clean copy data the nano
-shape with tied embeddings forms it in about 115 steps of 4,096 tokens; spans from the whole
-vocabulary stay near chance for hundreds of steps, as each piece's embedding trains too
-seldom. Figures and commands: docs/retrieval.md.
+shape with tied embeddings forms it in 115-200 steps of 4,096 tokens, and only partly in
+600 steps of a mixture, hence ``data.repeat_only_steps`` (this task alone first); spans
+from the whole vocabulary stay near chance for hundreds of steps, as each piece's embedding
+trains too seldom. Figures and commands: docs/retrieval.md.
 """
 
 import functools
