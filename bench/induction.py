@@ -25,6 +25,7 @@ import numpy as np
 
 from gemini_mini import config as config_lib
 from gemini_mini import parallel
+from gemini_mini.data import repeat
 from gemini_mini.modalities import interleave
 from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
@@ -39,11 +40,10 @@ def copy_batch(rng, pool_ids, args, tokenizer, model):
   examples, total = [], 0
   while total < args.batch * args.seq_len * 1.2:
     span = rng.choice(pool_ids, int(rng.integers(args.span_min, args.span_max + 1)))
-    unpredictable = not args.copy_loss_only
-    example = interleave.flatten([
-        Segment.text(np.concatenate([[tokenizer.bos_id], span, span[:1]]), loss=unpredictable),
-        Segment.text(span[1:]),
-        Segment.text([tokenizer.eos_id], loss=unpredictable)], tokenizer)
+    segments = repeat.span_twice(np.array([tokenizer.bos_id]), span, tokenizer.eos_id)
+    if not args.copy_loss_only:
+      segments = [Segment.text(segment.data) for segment in segments]
+    example = interleave.flatten(segments, tokenizer)
     examples.append(example)
     total += len(example.tokens)
   batch, _ = interleave.pack_examples(

@@ -53,5 +53,11 @@ def repeat_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random
   prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')])
   longest = max(2, min(MAX_SPAN, (room.positions - len(prompt) - 1) // 2))
   span = rng.choice(pool(tokenizer), int(rng.integers(min(MIN_SPAN, longest), longest + 1)))
+  return span_twice(prompt, span, tokenizer.eos_id)
+
+
+def span_twice(prompt: np.ndarray, span: np.ndarray, eos_id: int) -> list[Segment]:
+  """``prompt``, ``span`` twice and ``eos_id``, with only the prompt and the second copy
+  after its first piece in the loss (``span`` of at least 2 pieces)."""
   return [Segment.text(prompt), Segment.text(np.append(span, span[0]), loss=False),
-          Segment.text(span[1:]), Segment.text([tokenizer.eos_id], loss=False)]
+          Segment.text(span[1:]), Segment.text([eos_id], loss=False)]
