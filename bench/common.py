@@ -42,6 +42,11 @@ def environment() -> dict:
           'time': time.strftime('%Y-%m-%d %H:%M:%S')}
 
 
+def torch_device() -> str:
+  """The torch device a peer runs on to match JAX's backend here: 'cuda' on a GPU, else 'cpu'."""
+  return 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+
+
 def describe(figures: dict) -> str:
   return ', '.join(f'{key} {value}' for key, value in figures.items())
 

@@ -17,7 +17,10 @@ new tokens/s = batch x new tokens / wall time of the whole generate call (prefil
 decode-only = the same with the prefill's time taken off.
 
   python bench/decode.py [--prompt 512] [--new 256] [--batches 1,8] [--repeats 3]
-      [--peers hf] [--config configs/nano.yaml] [model.d_model=512 ...] [--json FILE]
+      [--peers hf] [--hf-python PYTHON] [--config configs/nano.yaml] [model.d_model=512 ...]
+      [--json FILE]
+
+On a GPU the transformers peer runs on the GPU too (``--device cuda``).
 
 At the nano shape on a quiet 2-core machine the default run takes about 3 minutes.
 """
@@ -44,7 +47,7 @@ from gemini_mini.model import Decoder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PEERS_DIR = REPO / 'bench' / 'peers'
-HF_PYTHON = PEERS_DIR / '.venv-hf' / 'bin' / 'python'
+HF_VENV_PYTHON = PEERS_DIR / '.venv-hf' / 'bin' / 'python'
 
 
 def random_prompts(batch: int, length: int, tokenizer, vocab_size: int, seed: int):
@@ -108,12 +111,12 @@ def measure_gemini_mini(decoder, tokenizer, batch: int, args) -> dict:
 
 
 def hf_command(m, args) -> list[str]:
-  command = [HF_PYTHON, PEERS_DIR / 'hf_decode_bench.py', '--hidden', m.d_model,
+  command = [args.hf_python, PEERS_DIR / 'hf_decode_bench.py', '--hidden', m.d_model,
              '--heads', m.num_heads, '--kv-heads', m.num_kv_heads, '--head-dim', m.head_dim,
              '--ffn', m.d_ff, '--layers', m.num_layers, '--experts', m.num_experts,
              '--topk', m.experts_per_token, '--vocab', m.vocab_size, '--prompt', args.prompt,
              '--new', args.new, '--batches', args.batches, '--threads', os.cpu_count(),
-             '--repeats', args.repeats, '--seed', args.seed]
+             '--repeats', args.repeats, '--seed', args.seed, '--device', common.torch_device()]
   return [str(c) for c in command]
 
 
@@ -128,6 +131,9 @@ def main():
   parser.add_argument('--peers', default='hf', help="'hf', or '' for none")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--peer-timeout', type=float, default=None, help='seconds for the peer run')
+  parser.add_argument('--hf-python', default=str(HF_VENV_PYTHON),
+                      help='the python that has torch and transformers (on a GPU the peer runs '
+                           'on the GPU too)')
   parser.add_argument('--json', metavar='FILE', help='also write the figures to this JSON file')
   args = parser.parse_args()
   try:
@@ -164,12 +170,12 @@ def main():
   results = {'gemini_mini': {'system': f'gemini_mini infer.generate (jax {jax.__version__})',
                              'batches': ours}}
   if 'hf' in peers:
-    if HF_PYTHON.exists():
+    if pathlib.Path(args.hf_python).exists():
       results['hf'] = common.run_peer_script('hf', hf_command(m, args), cwd=REPO,
                                              timeout=args.peer_timeout)
     else:
-      print('\n== hf: skipped: venv missing, run bench/peers/setup_hf.sh')
-      results['hf'] = {'skipped': 'venv missing, run bench/peers/setup_hf.sh'}
+      print(f'\n== hf: skipped: {args.hf_python} missing, run bench/peers/setup_hf.sh')
+      results['hf'] = {'skipped': f'{args.hf_python} missing, run bench/peers/setup_hf.sh'}
 
   print(f'\n== decoding: prompt {args.prompt} tokens, {args.new} new tokens per row, greedy; '
         'new tokens/s over the whole generate call (prefill included); best of '

@@ -25,7 +25,10 @@ token; the table of counts is printed and a mismatch is flagged.
 
   python bench/train_throughput.py [--steps 20] [--warmup 3] [--peers maxtext,hf]
       [--config configs/nano.yaml] [model.d_model=512 ...] [--dtype float32|bfloat16]
-      [--maxtext-dtype same,bfloat16] [--maxtext-moe dense] [--json FILE]
+      [--maxtext-dtype same,bfloat16] [--maxtext-moe dense] [--hf-python PYTHON] [--json FILE]
+
+On a GPU the transformers peer runs on the GPU too (``--device cuda``), and the numpy peak is
+not measured.
 
 At the nano shape on a quiet 2-core machine the default run takes about 8 minutes (peak ~15 s,
 gemini_mini ~1 min, MaxText ~2.5 min per variant, transformers ~1 min).
@@ -197,10 +200,10 @@ def maxtext_runs(config, args) -> list[dict]:
 
 def hf_run(config, args) -> dict:
   m, t = config.model, config.train
-  python = PEER_VENV['hf'] / 'bin' / 'python'
+  python = pathlib.Path(args.hf_python)
   if not python.exists():
-    print(f'\n== hf: skipped: venv missing, run {PEER_SETUP["hf"]}')
-    return {'name': 'hf', 'skipped': f'venv missing, run {PEER_SETUP["hf"]}'}
+    print(f'\n== hf: skipped: {python} missing, run {PEER_SETUP["hf"]}')
+    return {'name': 'hf', 'skipped': f'{python} missing, run {PEER_SETUP["hf"]}'}
   dtype = m.dtype if args.hf_dtype == 'same' else args.hf_dtype
   command = [str(python), str(PEERS_DIR / 'hf_train_bench.py'),
              '--hidden', m.d_model, '--heads', m.num_heads, '--kv-heads', m.num_kv_heads,
@@ -208,7 +211,8 @@ def hf_run(config, args) -> dict:
              '--experts', m.num_experts, '--topk', m.experts_per_token, '--vocab', m.vocab_size,
              '--seq', t.seq_len, '--batch', t.batch_size, '--warmup', max(args.warmup, 1),
              '--steps', args.steps, '--threads', os.cpu_count(), '--lr', t.learning_rate,
-             '--aux-coef', t.load_balance_weight, '--dtype', dtype]
+             '--aux-coef', t.load_balance_weight, '--dtype', dtype,
+             '--device', common.torch_device()]
   result = common.run_peer_script(f'hf ({dtype})', [str(c) for c in command],
                                   timeout=args.peer_timeout, cwd=REPO)
   result.update(name='hf', variant=f'{dtype}, grouped_mm (dropless)', dtype=dtype)
@@ -235,6 +239,9 @@ def main():
                            'fastest on CPU), dense_nodrop, ragged_dot, ...')
   parser.add_argument('--hf-dtype', default='same', choices=['same', 'float32', 'bfloat16'],
                       help='transformers compute dtype (bfloat16 = torch.autocast)')
+  parser.add_argument('--hf-python', default=str(PEER_VENV['hf'] / 'bin' / 'python'),
+                      help='the python that has torch and transformers (on a GPU the peer runs '
+                           'on the GPU too)')
   parser.add_argument('--peak-size', type=int, default=4096)
   parser.add_argument('--peak-reps', type=int, default=5)
   parser.add_argument('--peer-timeout', type=float, default=None, help='seconds per peer run')

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU training-throughput peer: HF transformers MixtralForCausalLM + torch AdamW.
+"""Training-throughput peer: HF transformers MixtralForCausalLM + torch AdamW (CPU or GPU).
 
 Our copy of shared/peers/hf_train_bench.py, run by bench/train_throughput.py in the venv that
 bench/peers/setup_hf.sh builds (torch 2.13 CPU, transformers 5.23):
@@ -13,7 +13,7 @@ weight). Takes about 2 s a step at the nano shape on 2 cores, after ~1 s of set-
 
 Added to the shared copy: parameter counts split as gemini_mini counts them (matmul parameters
 a token uses, without the input embedding and the RMSNorm scales), the resulting PaLM FLOPs
-per token, ``--dtype bfloat16`` (torch.autocast on the CPU; weights stay float32), and a
+per token, ``--dtype bfloat16`` (torch.autocast; weights stay float32), ``--device cuda``, and a
 ``peer_result {json}`` line for the driver. Last line printed: `hf_mixtral tokens_per_s <median>`.
 """
 import argparse
@@ -59,6 +59,8 @@ def parse():
     p.add_argument("--warmup", type=int, default=env("HF_WARMUP", 5))
     p.add_argument("--steps", type=int, default=env("HF_STEPS", 20))
     p.add_argument("--threads", type=int, default=env("HF_THREADS", 2))
+    p.add_argument("--device", default=os.environ.get("HF_DEVICE", "cpu"), choices=["cpu", "cuda"],
+                   help="cuda: model and batches on the GPU, each timed step ends in torch.cuda.synchronize")
     p.add_argument("--lr", type=float, default=env("HF_LR", 3e-4, float))
     p.add_argument("--aux-coef", type=float, default=env("HF_AUX_COEF", 0.01, float),
                    help="router_aux_loss_coef (HF Mixtral default is 0.001)")
@@ -122,11 +124,12 @@ def main():
     torch.manual_seed(a.seed)
     cfg = build_config(a)
     cls = {"mixtral": MixtralForCausalLM, "olmoe": OlmoeForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}[a.arch]
-    model = cls(cfg).to(torch.float32)
+    model = cls(cfg).to(torch.float32).to(a.device)
     model.train()
     assert model.config.rope_parameters["rope_theta"] == 10000.0
     total, active, embed, expert = param_counts(model, cfg)
-    print(f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__} transformers {transformers.__version__} threads {torch.get_num_threads()} "
+          f"device {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""))
     print(f"attn_impl {model.config._attn_implementation} experts_impl {model.config._experts_implementation}")
     print(f"arch {a.arch} config hidden={a.hidden} heads={a.heads} kv_heads={a.kv_heads} head_dim={a.head_dim} ffn={a.ffn} "
           f"layers={a.layers} experts={a.experts} topk={a.topk} vocab={a.vocab} seq={a.seq} batch={a.batch}")
@@ -143,8 +146,9 @@ def main():
     palm_flops_tok = 6 * matmul_active + 12 * a.layers * a.heads * a.head_dim * a.seq
     print(f"matmul params per token {matmul_active} (active {active} - input embedding {embed} - norm scales {norms}); "
           f"PaLM train FLOPs/token {palm_flops_tok}")
-    print(f"dtype {a.dtype}" + (" (torch.autocast bfloat16 on CPU, float32 weights)" if a.dtype == "bfloat16" else ""))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.dtype == "bfloat16" \
+    print(f"dtype {a.dtype}" + (f" (torch.autocast bfloat16 on {a.device}, float32 weights)"
+                                if a.dtype == "bfloat16" else ""))
+    autocast = (lambda: torch.autocast(a.device, dtype=torch.bfloat16)) if a.dtype == "bfloat16" \
         else contextlib.nullcontext
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -152,13 +156,17 @@ def main():
     tokens = a.batch * a.seq
     times = []
     for step in range(a.warmup + a.steps):
-        ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
+        ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(a.device)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast():
             out = model(input_ids=ids, labels=ids, output_router_logits=True)
         out.loss.backward()  # loss = CE(shifted) + router_aux_loss_coef * aux_loss
         opt.step()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         tag = "warmup" if step < a.warmup else "timed"
         print(f"step {step:3d} {tag} loss {out.loss.item():.4f} aux {out.aux_loss.item():.4f} "
@@ -172,7 +180,7 @@ def main():
         "system": f"transformers {transformers.__version__} {cls.__name__} (torch {torch.__version__})",
         "tokens_per_s": tokens / med, "mean_tokens_per_s": tokens * len(times) / sum(times),
         "median_step_s": med, "min_step_s": min(times), "steps": len(times), "warmup": a.warmup,
-        "dtype": a.dtype, "threads": torch.get_num_threads(), "experts_impl": model.config._experts_implementation,
+        "dtype": a.dtype, "device": a.device, "threads": torch.get_num_threads(), "experts_impl": model.config._experts_implementation,
         "attn_impl": model.config._attn_implementation, "aux_loss_coef": cfg.router_aux_loss_coef,
         "params_total": total, "params_active_per_token": active, "params_embedding": embed,
         "params_norm": norms, "matmul_params_per_token": matmul_active,

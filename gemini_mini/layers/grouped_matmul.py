@@ -3,8 +3,10 @@
 ``y[rows of group g] = x[rows of group g] @ w[g]``, rows sorted by group, the MoE dropless
 path's core op. Two implementations, chosen by platform:
 
-* ``ragged_dot``: ``jax.lax.ragged_dot``, a native grouped GEMM on GPU and TPU. On CPU it
-  lowers to a masked dense matmul against every group (E times the work).
+* ``ragged_dot``: ``jax.lax.ragged_dot``, for GPU and TPU. On CPU it lowers to a masked dense
+  matmul against every group (E times the work). On an H200 with jax 0.11.2 it is no better:
+  7.8x a dense MLP of the same useful FLOPs at E = 8 (``bench/moe.py``), so GPU presets use
+  the ``capacity`` dispatch (docs/benchmarks.md).
 * ``tiled``: for CPU. Rows are laid out so that every group size is a multiple of
   ``tile_size``; a loop takes one tile at a time and multiplies it by its group's matrix.
   The backward pass is written by hand so the weight gradient accumulates in place, one tile
