@@ -1,4 +1,5 @@
-"""What the suites share: result files, generation in batches, and scoring.
+"""What the suites share: result files, generation in batches, teacher-forced answers, and
+scoring.
 
 Every suite writes ``{out_dir}/{suite}.json``: ``{'suite', 'checkpoint_step', 'run_dir',
 'config' (the eval section and the model), 'figures' (the suite's numbers), 'items'
@@ -6,13 +7,16 @@ Every suite writes ``{out_dir}/{suite}.json``: ``{'suite', 'checkpoint_step', 'r
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
 from typing import Sequence
 
+import jax
 import matplotlib
 import numpy as np
+from flax import nnx
 
 matplotlib.use('Agg')  # files only: evaluation runs headless
 
@@ -21,6 +25,7 @@ from gemini_mini.data.examples import as_str  # noqa: E402
 from gemini_mini.data.mixture import DataError  # noqa: E402
 from gemini_mini.infer.generate import Generation, generate  # noqa: E402
 from gemini_mini.infer.load import Loaded  # noqa: E402
+from gemini_mini.modalities import interleave  # noqa: E402
 from gemini_mini.modalities.segments import Segment  # noqa: E402
 from gemini_mini.modalities.text import Tokenizer  # noqa: E402
 
@@ -73,6 +78,39 @@ def generate_all(loaded: Loaded, prompts: Sequence[list[Segment]], tokenizer: To
     results += generate(loaded.decoder, list(prompts[start:start + size]), tokenizer,
                         max_new_tokens=max_new_tokens, **sampling)
   return results
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _most_likely(graphdef, state, batch):
+  logits_BTV, _ = nnx.merge(graphdef, state)(batch)
+  return logits_BTV.argmax(-1)
+
+
+def answer_hits(loaded: Loaded, examples: Sequence[tuple[list[Segment], Segment]],
+                tokenizer: Tokenizer) -> list[np.ndarray]:
+  """Teacher-forced answers: per ``(prompt, answer)``, bool ``[len(answer.data)]``, entry i
+  whether the decoder's most likely next piece, given the prompt and the answer's pieces
+  before i, is the answer's piece i. Shows how much of an answer a model has learnt where
+  greedy generation, derailed by its first wrong piece, shows none. ``eval.batch_size``
+  examples at a time, each alone in its row."""
+  model = loaded.config.model
+  graphdef, state = nnx.split(loaded.decoder)
+  size = loaded.config.eval.batch_size
+  hits = []
+  for start in range(0, len(examples), size):
+    group = examples[start:start + size]
+    flats = [interleave.flatten([*prompt, answer], tokenizer) for prompt, answer in group]
+    batch = interleave.pack_rows(
+        [[flat] for flat in flats], seq_len=max(len(flat.tokens) for flat in flats),
+        num_patches=max(1, *(len(flat.patches) for flat in flats)),
+        num_audio_frames=max(1, *(len(flat.audio) for flat in flats)),
+        patch_dim=model.patch_dim, audio_dim=model.audio_dim)
+    predicted_BT = np.asarray(_most_likely(graphdef, state, batch))
+    for predicted_T, flat, (_, answer) in zip(predicted_BT, flats, group):
+      end, count = len(flat.tokens), len(answer.data)
+      # Position t predicts token t + 1: the answer's pieces are read at end - count - 1 ...
+      hits.append(predicted_T[end - count - 1:end - 1] == flat.tokens[end - count:])
+  return hits
 
 
 def normalize(text: str) -> str:

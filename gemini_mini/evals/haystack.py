@@ -31,11 +31,20 @@ its cells null. Lengths past what a training row holds (``train.seq_len`` positi
 ``data.num_patches``, ``data.num_audio_frames``) are evaluated, since extrapolating is what
 a long-context eval measures, and flagged: ``*`` on the heatmap, ``within_training_row``.
 
+Beside the greedy answer, each item's answer is also read teacher-forced
+(``common.answer_hits``): for each of its pieces, whether the most likely next piece given the
+prompt and the answer's pieces before it is that piece. Recall needs every piece of the first
+word right; these hits show which pieces a model has learnt (text: the space piece, then the
+value's digits one by one) when recall is still low.
+
 Writes ``haystack.json``: figures ``{modality: {'recall' (over every scored item), 'cells':
-{length: {depth: recall} or null}, 'within_training_row': {length: bool or null}}}``, video's
-also with ``time_stamp_accuracy`` and ``time_stamp_cells`` (whether the generated ``<t=Ns>``
-names the word's second); items: every prompt's needle, generation and score. Plots
-``haystack_text.png``, ``haystack_video.png`` and ``haystack_audio.png``.
+{length: {depth: recall} or null}, 'within_training_row': {length: bool or null},
+'answer_piece_accuracy' (teacher-forced hits over every answer piece, ``<eos>`` included),
+'answer_piece_accuracy_by_index' ([piece i's hit rate over the items whose answer has one])}}``,
+video's also with ``time_stamp_accuracy`` and ``time_stamp_cells`` (whether the generated
+``<t=Ns>`` names the word's second); items: every prompt's needle, generation, score and
+``answer_hits``. Plots ``haystack_text.png``, ``haystack_video.png`` and
+``haystack_audio.png``.
 """
 
 import itertools
@@ -268,15 +277,29 @@ def _measure(loaded: Loaded, modality: str, length: int, make: Callable,
           flush=True)
     return None, []
   generations = generate(loaded, items, tokenizer)
+  hits = common.answer_hits(loaded, [(item.prompt, item.answer) for item in items], tokenizer)
   return within, [{'modality': modality, 'length': length,
                    'trial': index // len(settings.depths),
-                   **_score(modality, item, generation, tokenizer)}
-                  for index, (item, generation) in enumerate(zip(items, generations))]
+                   **_score(modality, item, generation, tokenizer),
+                   'answer_hits': [bool(hit) for hit in item_hits]}
+                  for index, (item, generation, item_hits)
+                  in enumerate(zip(items, generations, hits))]
 
 
 def _mean(values) -> float | None:
   values = list(values)
   return float(np.mean(values)) if values else None
+
+
+def piece_accuracy(hits: Sequence[Sequence[bool]]) -> dict:
+  """``answer_piece_accuracy`` (over every piece of every answer) and
+  ``answer_piece_accuracy_by_index`` (entry i over the answers with a piece i); None and []
+  without answers."""
+  longest = max((len(item_hits) for item_hits in hits), default=0)
+  return {'answer_piece_accuracy': _mean(hit for item_hits in hits for hit in item_hits),
+          'answer_piece_accuracy_by_index': [
+              _mean(item_hits[i] for item_hits in hits if len(item_hits) > i)
+              for i in range(longest)]}
 
 
 def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
@@ -298,7 +321,8 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
       scored += new
     figures[modality] = {'recall': _mean(r['correct'] for r in scored),
                          'cells': cells['correct'],
-                         'within_training_row': within_training_row}
+                         'within_training_row': within_training_row,
+                         **piece_accuracy([r['answer_hits'] for r in scored])}
     if modality == 'video':
       figures[modality]['time_stamp_accuracy'] = _mean(r['time_stamp_correct'] for r in scored)
       figures[modality]['time_stamp_cells'] = cells['time_stamp_correct']
@@ -333,7 +357,8 @@ def _plot(modality: str, summary: dict, settings, path: pathlib.Path, step: int)
   axes.set_xlabel(f'haystack length ({UNITS[modality]})'
                   + ('\n* longer than a training row' if any(beyond) else ''))
   axes.set_ylabel('needle depth')
-  scores = [f'recall {_percent(summary["recall"])}']
+  scores = [f'recall {_percent(summary["recall"])}',
+            f'teacher-forced answer pieces {_percent(summary["answer_piece_accuracy"])}']
   if 'time_stamp_accuracy' in summary:
     scores.append(f'time stamp {_percent(summary["time_stamp_accuracy"])}')
   axes.set_title(f'{modality} needle in a haystack, step {step}\n{", ".join(scores)}; '

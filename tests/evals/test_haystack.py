@@ -1,15 +1,18 @@
 """Haystack: each modality's needle sits at its depth, exactly once, with eval keys, emoji
-and voices; scoring on hand-made generations; the suite end to end on the tiny checkpoint."""
+and voices; scoring on hand-made generations; teacher-forced answer hits against one
+unpadded forward per item; the suite end to end on the tiny checkpoint."""
 
 import json
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemini_mini import config as config_lib
 from gemini_mini.data import needles, speech, video_clips
-from gemini_mini.evals import haystack
+from gemini_mini.evals import common, haystack
 from gemini_mini.infer.generate import Generation
 from gemini_mini.infer.load import Loaded, load
 from gemini_mini.modalities import audio as audio_lib
@@ -124,12 +127,58 @@ def test_scoring_on_hand_made_generations(tokenizer):
       False, None, False)
 
 
+def test_piece_accuracy_on_hand_made_hits():
+  figures = haystack.piece_accuracy([[True, False, True], [True, True], []])
+  assert figures['answer_piece_accuracy'] == pytest.approx(4 / 5)
+  assert figures['answer_piece_accuracy_by_index'] == [1.0, 0.5, 1.0]
+  assert haystack.piece_accuracy([]) == {'answer_piece_accuracy': None,
+                                         'answer_piece_accuracy_by_index': []}
+
+
+def test_answer_hits_match_one_unpadded_forward_per_item(tiny_run_dir, eval_data, tokenizer):
+  """Items of every modality and of different lengths share padded rows in ``answer_hits``;
+  the reference runs each item alone, unpadded, and reads the answer piece by piece."""
+  loaded = load(tiny_run_dir, ['eval.batch_size=4'])
+  rng = np.random.default_rng(3)
+  items = (haystack.text_items(eval_data.prose_ids, 100, [0.5], rng, tokenizer)
+           + haystack.text_items(eval_data.prose_ids, 160, [0.0, 1.0], rng, tokenizer)
+           + haystack.video_items(eval_data.clips, 4, [0.5], rng, tokenizer)
+           + haystack.audio_items(eval_data.sentences, eval_data.keywords, 2, [0.5], rng,
+                                  tokenizer))
+  hits = common.answer_hits(loaded, [(item.prompt, item.answer) for item in items], tokenizer)
+  model = loaded.config.model
+  for item, item_hits in zip(items, hits):
+    flat = interleave.flatten([*item.prompt, item.answer], tokenizer)
+    batch = interleave.pack_rows([[flat]], seq_len=len(flat.tokens),
+                                 num_patches=max(1, len(flat.patches)),
+                                 num_audio_frames=max(1, len(flat.audio)),
+                                 patch_dim=model.patch_dim, audio_dim=model.audio_dim)
+    logits_TV = np.asarray(loaded.decoder(jax_batch(batch))[0][0])
+    prompt_length = len(flat.tokens) - len(item.answer.data)
+    expected = [int(np.argmax(logits_TV[prompt_length + i - 1])) == int(piece)
+                for i, piece in enumerate(item.answer.data)]
+    assert item_hits.tolist() == expected
+  # Not vacuous: answers of the model's own greedy pieces (KV-cache decoding) are hit
+  # everywhere, which an answer read one position off would not be.
+  generations = common.generate_all(loaded, [item.prompt for item in items], tokenizer,
+                                    max_new_tokens=4, stop_ids=())
+  own = [(item.prompt, type(item.answer).text(generation.tokens))
+         for item, generation in zip(items, generations)]
+  assert all(item_hits.all() for item_hits in common.answer_hits(loaded, own, tokenizer))
+
+
+def jax_batch(batch):
+  return jax.tree.map(jnp.asarray, batch)
+
+
 def test_a_model_that_gives_the_answers_scores_every_cell_1(small_data_dir, tmp_path,
                                                           monkeypatch):
   """Items, generations and scores stay aligned: answers as training writes them score 1."""
   monkeypatch.setattr(haystack, 'generate', lambda loaded, items, tokenizer: [
       Generation(tokens=item.answer.data, text=tokenizer.decode(item.answer.data))
       for item in items])
+  monkeypatch.setattr(common, 'answer_hits', lambda loaded, examples, tokenizer: [
+      np.ones(len(answer.data), bool) for _, answer in examples])
   config = config_lib.load('configs/test.yaml', [
       f'data.dir={small_data_dir}', 'eval.context_lengths=[128,256]', 'eval.trials=2',
       'eval.video_seconds=[4,8]', 'eval.audio_seconds=[3]'])
@@ -139,10 +188,11 @@ def test_a_model_that_gives_the_answers_scores_every_cell_1(small_data_dir, tmp_
     assert all(recall == 1.0 for cell in figures[modality]['cells'].values()
                for recall in cell.values())
   assert figures['video']['time_stamp_accuracy'] == 1.0
+  assert figures['text']['answer_piece_accuracy'] == 1.0
   assert figures['video']['within_training_row'] == {'4': True, '8': False}  # 128 patches
 
 
-def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys):
+def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys, tokenizer):
   loaded = load(tiny_run_dir, ['eval.context_lengths=[128,1024]', 'eval.trials=1',
                                'eval.video_seconds=[4,300]', 'eval.audio_seconds=[2]',
                                'eval.depths=[0.0,0.5,1.0]'])
@@ -167,5 +217,11 @@ def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys)
     reference = item.get('value') or item['word']
     assert item['correct'] == (haystack.answer_word(item['generation'])
                                == reference.lower())
+  for item in items:
+    assert len(item['answer_hits']) == len(tokenizer.encode(' ' + (
+        item.get('value') or item['word']))) + ('second' in item) + 1  # <t=Ns>, <eos>
+  for modality in haystack.MODALITIES:
+    by_index = figures[modality]['answer_piece_accuracy_by_index']
+    assert 0 <= figures[modality]['answer_piece_accuracy'] <= 1 and len(by_index) >= 2
   assert all(needles.split_of(item['key']) == 'eval' for item in items if 'key' in item)
   assert all(item['voice'] in speech.voices('eval') for item in items if 'voice' in item)
