@@ -144,6 +144,21 @@ def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):
   assert seen == set(WEIGHTS)
 
 
+def test_haystack_lengths_are_log_uniform(monkeypatch):
+  """As many haystacks of 256-512 positions as of 512-1,024 and of 1,024-2,048 (uniform
+  lengths would give 14%, 29% and 57%), none longer than the row."""
+  tokenizer = Tokenizer()
+  filler_id = int(tokenizer.encode('the')[0])
+  monkeypatch.setattr(tasks, 'filler', lambda next_record, tokenizer, length: np.full(
+      length, filler_id, np.int32))
+  lengths = np.array([sum(len(segment.data) for segment in tasks.haystack_example(
+      None, tokenizer, np.random.default_rng([5, i]), tasks.Room(2048, 1, 1)))
+      for i in range(600)])
+  assert lengths.min() >= 256 and lengths.max() <= 2048
+  shares = np.histogram(lengths, bins=[256, 512, 1024, 2049])[0] / len(lengths)
+  np.testing.assert_allclose(shares, 1 / 3, atol=0.06)
+
+
 def test_task_shares_follow_the_weights(small_data_dir):
   # These tasks read one record per example, so the state's record counts count examples.
   weights = {'text': 0.1, 'caption': 0.6, 'speech': 0.3}
