@@ -8,6 +8,9 @@ pass, so forward and backward hold O(T * chunk) scores at a time. Both take pre-
 queries grouped as ``q_BTKGH`` and return ``o_BTKGH``; scores and softmax are float32.
 """
 
+import functools
+
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -97,9 +100,12 @@ def chunked_attention(
   """Self-attention (queries and keys are the same ``T`` tokens) with an online softmax.
 
   Equal to ``dense_attention`` with ``attention_mask(seg, seg, pos, pos, window)`` to float
-  tolerance, in values and gradients. Key blocks lying wholly after a query block, or wholly
-  more than ``window`` tokens before it, are skipped: under the batch contract (positions
-  count up by one inside a segment) every score in them is masked anyway.
+  tolerance, in values and gradients. Tokens are cut into blocks of ``chunk_size``; a pair of
+  query and key blocks in which the mask allows no score (above the diagonal, past the window,
+  or, in packed rows, between different segments) is skipped at run time, in the forward and
+  the backward pass. That is exact because every query may attend to itself, so no row is
+  left without a key. The backward pass is flash attention's, written by hand: it recomputes
+  each block's probabilities from the saved log-sum-exp, so memory stays O(T * chunk).
   """
   batch, length, num_kv_heads, groups, head_dim = q_BTKGH.shape
   chunk = min(chunk_size, length)
@@ -112,51 +118,110 @@ def chunked_attention(
     q_BTKGH, k_BTKH, v_BTKH, positions_BT = map(pad, (q_BTKGH, k_BTKH, v_BTKH, positions_BT))
     segment_ids_BT = pad(segment_ids_BT, -1)
 
-  # Block axis first, for lax.map / lax.scan: x_nBc... with n blocks of c tokens.
-  blocks = lambda x: jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
-  q_nBcKGH = blocks(q_BTKGH)
-  k_nBcKH, v_nBcKH = blocks(k_BTKH), blocks(v_BTKH)
-  seg_nBc, pos_nBc = blocks(segment_ids_BT), blocks(positions_BT)
+  # Block axis first (n blocks of c tokens), heads before tokens, and the G query heads of a
+  # KV head folded into the query axis (Q = G * c): each block pair is one batched matmul.
+  q_nBKQH = einops.rearrange(q_BTKGH, 'B (n c) K G H -> n B K (G c) H', c=chunk)
+  k_nBKcH = einops.rearrange(k_BTKH, 'B (n c) K H -> n B K c H', c=chunk)
+  v_nBKcH = einops.rearrange(v_BTKH, 'B (n c) K H -> n B K c H', c=chunk)
+  seg_nBc = einops.rearrange(segment_ids_BT, 'B (n c) -> n B c', c=chunk)
+  pos_nBc = einops.rearrange(positions_BT, 'B (n c) -> n B c', c=chunk)
+  o_nBKQH = _chunked_attention(q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, window)
+  o_BTKGH = einops.rearrange(o_nBKQH, 'n B K (G c) H -> B (n c) K G H', G=groups)
+  return o_BTKGH[:, :length].astype(v_BTKH.dtype)
 
-  def key_block_needed(q_block, k_block):
-    first_query, last_query = q_block * chunk, q_block * chunk + chunk - 1
-    first_key, last_key = k_block * chunk, k_block * chunk + chunk - 1
-    needed = first_key <= last_query
-    if window:
-      needed &= last_key > first_query - window
-    return needed
 
-  @jax.checkpoint  # backward recomputes one query block at a time: O(T * chunk) residuals
+def _block_mask(seg_nBc, pos_nBc, q_block, k_block, window, groups):
+  """``mask_BQS`` of one query block (its G heads stacked, as ``Q = G * c``) x one key block."""
+  mask_Bcc = attention_mask(seg_nBc[q_block], seg_nBc[k_block], pos_nBc[q_block],
+                            pos_nBc[k_block], window)
+  return jnp.tile(mask_Bcc, (1, groups, 1))
+
+
+def _block_scores(q_BKQH, k_BKcH, mask_BQS):
+  scores_BKQS = jnp.einsum('BKQH,BKSH->BKQS', q_BKQH, k_BKcH, preferred_element_type=jnp.float32)
+  return jnp.where(mask_BQS[:, None], scores_BKQS, MASK_VALUE)
+
+
+def _chunked_forward(q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, window):
+  num_chunks = q_nBKQH.shape[0]
+  groups = q_nBKQH.shape[3] // k_nBKcH.shape[3]
+
   def query_block(args):
-    q_block, q_BcKGH, q_seg_Bc, q_pos_Bc = args
-
-    def attend(carry, k_block):
-      o_BcKGH, max_BKGc, sum_BKGc = carry
-      mask_Bcc = attention_mask(q_seg_Bc, seg_nBc[k_block], q_pos_Bc, pos_nBc[k_block], window)
-      scores_BKGcc = jnp.einsum('BTKGH,BSKH->BKGTS', q_BcKGH, k_nBcKH[k_block],
-                                preferred_element_type=jnp.float32)
-      scores_BKGcc = jnp.where(mask_Bcc[:, None, None], scores_BKGcc, MASK_VALUE)
-      # The running max only stabilises exp(); the result does not depend on it.
-      new_max_BKGc = jax.lax.stop_gradient(jnp.maximum(max_BKGc, scores_BKGcc.max(-1)))
-      probs_BKGcc = jnp.exp(scores_BKGcc - new_max_BKGc[..., None])
-      rescale_BKGc = jnp.exp(max_BKGc - new_max_BKGc)
-      new_sum_BKGc = sum_BKGc * rescale_BKGc + probs_BKGcc.sum(-1)
-      new_o_BcKGH = (jnp.einsum('BTKGH,BKGT->BTKGH', o_BcKGH, rescale_BKGc)
-                     + jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGcc, v_nBcKH[k_block],
-                                  preferred_element_type=jnp.float32))
-      return new_o_BcKGH, new_max_BKGc, new_sum_BKGc
+    q_block, q_BKQH = args
 
     def step(carry, k_block):
-      carry = jax.lax.cond(key_block_needed(q_block, k_block), attend,
-                           lambda carry, _: carry, carry, k_block)
-      return carry, None
+      mask_BQS = _block_mask(seg_nBc, pos_nBc, q_block, k_block, window, groups)
 
-    stats_shape = (batch, num_kv_heads, groups, chunk)
-    init = (jnp.zeros(q_BcKGH.shape, jnp.float32), jnp.full(stats_shape, MASK_VALUE),
+      def attend(carry):
+        o_BKQH, max_BKQ, sum_BKQ = carry
+        scores_BKQS = _block_scores(q_BKQH, k_nBKcH[k_block], mask_BQS)
+        # The running max only stabilises exp(); the result does not depend on it.
+        new_max_BKQ = jnp.maximum(max_BKQ, scores_BKQS.max(-1))
+        probs_BKQS = jnp.exp(scores_BKQS - new_max_BKQ[..., None])
+        rescale_BKQ = jnp.exp(max_BKQ - new_max_BKQ)
+        v_BKcH = v_nBKcH[k_block]
+        pv_BKQH = jnp.einsum('BKQS,BKSH->BKQH', probs_BKQS.astype(v_BKcH.dtype), v_BKcH,
+                             preferred_element_type=jnp.float32)
+        return (o_BKQH * rescale_BKQ[..., None] + pv_BKQH, new_max_BKQ,
+                sum_BKQ * rescale_BKQ + probs_BKQS.sum(-1))
+
+      return jax.lax.cond(mask_BQS.any(), attend, lambda carry: carry, carry), None
+
+    stats_shape = q_BKQH.shape[:-1]
+    init = (jnp.zeros(q_BKQH.shape, jnp.float32), jnp.full(stats_shape, MASK_VALUE),
             jnp.zeros(stats_shape, jnp.float32))
-    (o_BcKGH, _, sum_BKGc), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
-    return jnp.einsum('BTKGH,BKGT->BTKGH', o_BcKGH, 1.0 / sum_BKGc)
+    (o_BKQH, max_BKQ, sum_BKQ), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
+    return o_BKQH / sum_BKQ[..., None], max_BKQ + jnp.log(sum_BKQ)
 
-  o_nBcKGH = jax.lax.map(query_block, (jnp.arange(num_chunks), q_nBcKGH, seg_nBc, pos_nBc))
-  o_BTKGH = jnp.moveaxis(o_nBcKGH, 0, 1).reshape(batch, num_chunks * chunk, *o_nBcKGH.shape[3:])
-  return o_BTKGH[:, :length].astype(v_BTKH.dtype)
+  o_nBKQH, logsumexp_nBKQ = jax.lax.map(query_block, (jnp.arange(num_chunks), q_nBKQH))
+  o_nBKQH = o_nBKQH.astype(v_nBKcH.dtype)
+  return o_nBKQH, (q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, o_nBKQH, logsumexp_nBKQ)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_attention(q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, window):
+  return _chunked_forward(q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, window)[0]
+
+
+def _chunked_backward(window, residuals, do_nBKQH):
+  q_nBKQH, k_nBKcH, v_nBKcH, seg_nBc, pos_nBc, o_nBKQH, logsumexp_nBKQ = residuals
+  f32 = jnp.float32
+  num_chunks = q_nBKQH.shape[0]
+  groups = q_nBKQH.shape[3] // k_nBKcH.shape[3]
+  # rowsum(dP * P) = rowsum(dO * O), per query row.
+  row_nBKQ = jnp.einsum('nBKQH,nBKQH->nBKQ', do_nBKQH.astype(f32), o_nBKQH.astype(f32))
+
+  def query_block(dkv, args):
+    q_block, q_BKQH, do_BKQH, logsumexp_BKQ, row_BKQ = args
+
+    def step(carry, k_block):
+      mask_BQS = _block_mask(seg_nBc, pos_nBc, q_block, k_block, window, groups)
+
+      def accumulate(carry):
+        dq_BKQH, dk_nBKcH, dv_nBKcH = carry
+        k_BKcH, v_BKcH = k_nBKcH[k_block], v_nBKcH[k_block]
+        scores_BKQS = _block_scores(q_BKQH, k_BKcH, mask_BQS)
+        probs_BKQS = jnp.exp(scores_BKQS - logsumexp_BKQ[..., None])
+        dv_BKcH = jnp.einsum('BKQS,BKQH->BKSH', probs_BKQS.astype(do_BKQH.dtype), do_BKQH,
+                             preferred_element_type=f32)
+        dprobs_BKQS = jnp.einsum('BKQH,BKSH->BKQS', do_BKQH, v_BKcH, preferred_element_type=f32)
+        dscores_BKQS = (probs_BKQS * (dprobs_BKQS - row_BKQ[..., None])).astype(q_BKQH.dtype)
+        dq_BKQH += jnp.einsum('BKQS,BKSH->BKQH', dscores_BKQS, k_BKcH, preferred_element_type=f32)
+        dk_BKcH = jnp.einsum('BKQS,BKQH->BKSH', dscores_BKQS, q_BKQH, preferred_element_type=f32)
+        return dq_BKQH, dk_nBKcH.at[k_block].add(dk_BKcH), dv_nBKcH.at[k_block].add(dv_BKcH)
+
+      return jax.lax.cond(mask_BQS.any(), accumulate, lambda carry: carry, carry), None
+
+    (dq_BKQH, *dkv), _ = jax.lax.scan(step, (jnp.zeros(q_BKQH.shape, f32), *dkv),
+                                      jnp.arange(num_chunks))
+    return tuple(dkv), dq_BKQH
+
+  zeros_kv = jnp.zeros(k_nBKcH.shape, f32)
+  (dk_nBKcH, dv_nBKcH), dq_nBKQH = jax.lax.scan(
+      query_block, (zeros_kv, zeros_kv),
+      (jnp.arange(num_chunks), q_nBKQH, do_nBKQH, logsumexp_nBKQ, row_nBKQ))
+  return (dq_nBKQH.astype(q_nBKQH.dtype), dk_nBKcH.astype(k_nBKcH.dtype),
+          dv_nBKcH.astype(v_nBKcH.dtype), None, None)
+
+
+_chunked_attention.defvjp(_chunked_forward, _chunked_backward)

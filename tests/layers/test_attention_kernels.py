@@ -159,6 +159,8 @@ CHUNKED_CASES = {
     'chunk_divides_T': (32, 8, 0, 'mqa', [[32], [10, 14]]),
     'chunk_does_not_divide_T': (30, 8, 0, 'gqa', [[9, 12, 5], [30]]),
     'chunk_above_T': (20, 32, 0, 'mha', [[7, 9], [20]]),
+    # Block pairs (2, 0), (3, 0), (3, 1) hold no allowed score in either row: skipped at run time.
+    'packed_blocks_skipped': (32, 8, 0, 'gqa', [[8, 8, 8, 8], [16, 16]]),
     # Windows 2 and chunk + 2 put a needed key exactly on a skipped block's last slot.
     'window_below_chunk_padded': (22, 8, 2, 'mha', [[22], [4, 13]]),
     'window_equals_chunk': (24, 8, 8, 'mqa', [[24], [5, 19]]),
