@@ -44,7 +44,7 @@ class ModelConfig:
   shared_expert: bool = False
   max_length: int = 8192         # longest sequence (training, prompts + generation)
   attention_kernel: Literal['dense', 'chunked'] = 'chunked'
-  attention_chunk: int = 512     # block size of the chunked kernel
+  attention_chunk: int = 256     # block size of the chunked kernel
   attention_window: int = 0      # local attention window in positions; 0 = global
   rope_max_wavelength: float = 10_000.0
   patch_dim: int = 192           # flattened image patch (8 x 8 x 3)

@@ -108,6 +108,8 @@ def chunked_attention(
   each block's probabilities from the saved log-sum-exp, so memory stays O(T * chunk).
   """
   batch, length, num_kv_heads, groups, head_dim = q_BTKGH.shape
+  # Host batches hold numpy ids, which the block loops index with traced block numbers.
+  segment_ids_BT, positions_BT = jnp.asarray(segment_ids_BT), jnp.asarray(positions_BT)
   chunk = min(chunk_size, length)
   num_chunks = -(-length // chunk)
   padding = num_chunks * chunk - length

@@ -252,3 +252,14 @@ def test_chunked_memory_grows_linearly_dense_quadratically():
   assert chunked[1] / chunked[0] < 2.6, chunked
   assert dense[1] / dense[0] > 3.2, dense
   assert chunked[1] < dense[1] / 10, (chunked, dense)
+
+
+def test_chunked_takes_numpy_ids_outside_jit():
+  # A host batch (numpy segment ids and positions) fed to an eager, unjitted model call.
+  segment_ids, positions = packed([[9, 12, 5], [32]], 32)  # no chunk padding (it makes jnp)
+  q, k, v = random_qkv(3, 2, 32, *HEADS['gqa'])
+  o_numpy = chunked_attention(q, k, v, np.asarray(segment_ids), np.asarray(positions), window=0,
+                              chunk_size=8)
+  o_jax = chunked_attention(q, k, v, jnp.asarray(segment_ids), jnp.asarray(positions), window=0,
+                            chunk_size=8)
+  np.testing.assert_array_equal(o_numpy, o_jax)
