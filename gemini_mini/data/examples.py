@@ -23,6 +23,14 @@ class Room(NamedTuple):
   audio_frames: int
 
 
+def log_uniform(rng: np.random.Generator, least: int, most: int) -> int:
+  """An integer in ``[least, most]`` (``1 <= least <= most``), log-uniform: as likely in
+  ``[n, 2n)`` as in ``[2n, 4n)``. Haystack lengths are drawn this way: short haystacks teach
+  retrieval fastest and pack several to a row, and the long ones still cover the row
+  (docs/retrieval.md)."""
+  return min(int(np.exp(rng.uniform(np.log(least), np.log(most + 1)))), most)
+
+
 def as_str(value) -> str:
   """A TFDS text feature (bytes) or any value as ``str``."""
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
