@@ -11,9 +11,12 @@ longest of its questions; a length that cannot hold the needles and a question, 
 prompts plus answer exceed ``model.max_length``, is skipped with a printed note (null).
 
 Writes ``multi-needle.json``: figures ``{'recall' (over all scored needles), 'by_length':
-{length: fraction retrieved or null}}``; items: one per question (key, value, depth, the
-generation, whether it was retrieved). Plots ``multi_needle.png``: recall against length,
-the mean and each context's fraction.
+{length: fraction retrieved or null}, 'other_needle', 'other_needle_by_length'}``, where
+``other_needle`` is the fraction of questions answered with the value of *another* needle
+of the context: a model that retrieves a needle without matching its key scores there, not
+in recall; items: one per question (key, value, depth, the generation, whether it was
+retrieved, whether it gave another needle's value). Plots ``multi_needle.png``: recall
+against length, the mean and each context's fraction, and the other-needle answers' mean.
 """
 
 import pathlib
@@ -72,7 +75,7 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   settings = loaded.config.eval
   tokenizer = Tokenizer()
   prose_ids = common.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
-  by_length, records = {}, []
+  by_length, other_by_length, records = {}, {}, []
   for length in settings.context_lengths:
     items = [item for trial in range(settings.trials) for item in context_items(
         prose_ids, length, settings.num_needles,
@@ -81,17 +84,23 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
     reason = _skip_reason(loaded, length, items, positions)
     if reason:
       print(f'multi-needle: {length} positions skipped (null): {reason}', flush=True)
-      by_length[str(length)] = None
+      by_length[str(length)] = other_by_length[str(length)] = None
       continue
     generations = haystack.generate(loaded, items, tokenizer)
-    scored = [{'length': length, 'trial': index // settings.num_needles, **item.record,
-               'generation': generation.text,
-               'retrieved': haystack.answer_word(generation.text) == item.reference}
-              for index, (item, generation) in enumerate(zip(items, generations))]
+    scored = []
+    for index, (item, generation) in enumerate(zip(items, generations)):
+      trial, word = index // settings.num_needles, haystack.answer_word(generation.text)
+      context = items[trial * settings.num_needles:(trial + 1) * settings.num_needles]
+      scored.append({'length': length, 'trial': trial, **item.record,
+                     'generation': generation.text, 'retrieved': word == item.reference,
+                     'other_needle': word != item.reference and word in {
+                         other.reference for other in context}})
     by_length[str(length)] = float(np.mean([record['retrieved'] for record in scored]))
+    other_by_length[str(length)] = float(np.mean([record['other_needle'] for record in scored]))
     records += scored
-  figures = {'recall': (float(np.mean([record['retrieved'] for record in records]))
-                        if records else None), 'by_length': by_length}
+  mean = lambda field: float(np.mean([r[field] for r in records])) if records else None
+  figures = {'recall': mean('retrieved'), 'by_length': by_length,
+             'other_needle': mean('other_needle'), 'other_needle_by_length': other_by_length}
   common.write_result(out_dir, SUITE, loaded, figures, records)
   _plot(figures, records, settings, pathlib.Path(out_dir) / 'multi_needle.png', loaded.step)
   return figures
@@ -109,6 +118,9 @@ def _plot(figures: dict, records: list[dict], settings, path: pathlib.Path, step
   # A skipped length (None) is NaN: a gap in the line, labelled.
   axes.plot(lengths, [np.nan if recall is None else recall for recall in recalls], 'o-',
             color='tab:blue', label='mean over contexts')
+  others = [figures['other_needle_by_length'][str(length)] for length in lengths]
+  axes.plot(lengths, [np.nan if other is None else other for other in others], 's--',
+            color='tab:orange', label="answered another needle's value")
   for length, recall in zip(lengths, recalls):
     if recall is None:
       axes.text(length, 0.5, 'skipped', ha='center', color='grey', rotation=90)

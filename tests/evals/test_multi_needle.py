@@ -56,7 +56,30 @@ def test_a_model_that_gives_the_answers_retrieves_every_needle(small_data_dir, t
       f'data.dir={small_data_dir}', 'eval.context_lengths=[256,384]', 'eval.trials=2',
       'eval.num_needles=4'])
   figures = multi_needle.run(Loaded(None, config, 0), tmp_path)
-  assert figures == {'recall': 1.0, 'by_length': {'256': 1.0, '384': 1.0}}
+  assert figures == {'recall': 1.0, 'by_length': {'256': 1.0, '384': 1.0},
+                     'other_needle': 0.0, 'other_needle_by_length': {'256': 0.0, '384': 0.0}}
+
+
+def test_answers_with_the_wrong_needle_count_as_other_needle(small_data_dir, tmp_path,
+                                                             monkeypatch):
+  """Each question answered with the next needle's value (of its own context): none
+  retrieved, every one another needle's; a value in no needle is neither."""
+  def generate(loaded, items, tokenizer):
+    answers = []
+    for index, item in enumerate(items):
+      context = items[index // 4 * 4:index // 4 * 4 + 4]
+      wrong = context[(index + 1) % 4].reference if index < 4 else '1234567'
+      answers.append(Generation(tokens=np.zeros(0, np.int32), text=f' {wrong}\n'))
+    return answers
+
+  monkeypatch.setattr(haystack, 'generate', generate)
+  config = config_lib.load('configs/test.yaml', [
+      f'data.dir={small_data_dir}', 'eval.context_lengths=[256]', 'eval.trials=2',
+      'eval.num_needles=4'])
+  figures = multi_needle.run(Loaded(None, config, 0), tmp_path)
+  assert figures['recall'] == 0.0 and figures['other_needle'] == 0.5
+  items = json.loads((tmp_path / 'multi-needle.json').read_text())['items']
+  assert [item['other_needle'] for item in items] == [True] * 4 + [False] * 4
 
 
 def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys):
@@ -67,6 +90,7 @@ def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys)
   assert '64 positions skipped (null): 3 needles and a question alone' in out
   assert '1024 positions skipped (null)' in out and 'model.max_length=512' in out
   assert figures['by_length']['64'] is None and figures['by_length']['1024'] is None
+  assert figures['other_needle_by_length']['64'] is None
   assert 0 <= figures['by_length']['256'] <= 1 and figures['recall'] == figures['by_length']['256']
   result = json.loads((tmp_path / 'multi-needle.json').read_text())
   assert result['figures'] == figures and result['checkpoint_step'] == 2
@@ -78,3 +102,4 @@ def test_suite_end_to_end_on_the_tiny_checkpoint(tiny_run_dir, tmp_path, capsys)
     assert len(set(keys)) == 3 and all(needles.split_of(key) == 'eval' for key in keys)
   for item in items:
     assert item['retrieved'] == (haystack.answer_word(item['generation']) == item['value'])
+    assert not (item['retrieved'] and item['other_needle'])
