@@ -103,8 +103,8 @@ def audio_haystack_prompt(filler_N: np.ndarray, keyword_K: np.ndarray, depth: fl
 def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
                            rng: np.random.Generator, room: examples.Room) -> examples.Example:
   """A haystack of ``MIN_FRAMES`` (or the keyword's length, if longer) to ``MAX_FRAMES`` or as
-  many frames as the row holds (audio frames and positions), log-uniform as text haystacks
-  (``examples.log_uniform``), keyword at a uniform depth.
+  many frames as the row holds (audio frames and positions), uniform, keyword at a uniform
+  depth.
 
   Reads ``KeywordedSentences`` records: the first gives the keyword; its sentence and the
   next records' fill the rest. When even the keyword alone does not fit the row, the
@@ -116,7 +116,7 @@ def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenize
   most = min(room.audio_frames, MAX_FRAMES,
              room.positions - PROMPT_TEXT - len(tokenizer.encode(CUE)) - len(reply.data))
   least = min(max(MIN_FRAMES, frames_of(len(keyword_K))), most)
-  total = examples.log_uniform(rng, least, most)
+  total = int(rng.integers(least, most + 1))
   filler_frames = max(total - frames_of(len(keyword_K)), 0)
   clips = itertools.chain([first['audio']], (next_record()['audio'] for _ in itertools.count()))
   filler_N = filler(clips, filler_frames * FRAME_SAMPLES)

@@ -62,7 +62,6 @@ from gemini_mini.modalities.text import Tokenizer
 
 MIN_HAYSTACK = 256      # positions of the shortest text haystack
 MAX_NEEDLES = 10        # needles in one text haystack
-WHOLE_ROW_SHARE = 0.25  # text haystacks as long as the row; the others are log-uniform
 MIN_VIDEO_SECONDS = 4
 MAX_VIDEO_SECONDS = 64  # twice the video haystack target: longer rows hold several videos
 VIDEO_OVERHEAD = 16     # positions of a video example besides its seconds (bos, brackets, answer)
@@ -132,20 +131,18 @@ def filler(next_record: NextRecord, tokenizer: Tokenizer, length: int) -> np.nda
 
 def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                      room: Room) -> Example:
-  """A text haystack with 1 to ``MAX_NEEDLES`` needles (at most one per 64 positions) at
-  uniform depths; the questions ask about every needle, in a random order (one retrieval
-  per needle to learn from, where a single question would give one per haystack).
+  """A text haystack of 256 to ``room.positions`` positions, with 1 to ``MAX_NEEDLES``
+  needles (at most one per 64 positions) at uniform depths; the questions ask about every
+  needle, in a random order (one retrieval per needle to learn from, where a single question
+  would give one per haystack).
 
-  Its length is the whole row (``room.positions``) for a ``WHOLE_ROW_SHARE`` of haystacks,
-  else log-uniform between 256 and the row (``examples.log_uniform``). Short ones teach
-  retrieval fastest and pack several to a row: with lengths uniform instead, 400 steps of
-  2 x 2,048 rows left the value's digits at 14% at 2,048 positions, against 46%. Whole-row
-  ones hold the longest needle-to-question distances, which log-uniform lengths alone
-  left rare: the 1,400-step run recalled 20% of needles at the start of 2,048 positions
-  and 90-100% at every other depth and length (docs/retrieval.md)."""
+  The length is log-uniform (``examples.log_uniform``): as many haystacks of 256-512
+  positions as of 1,024-2,048. Short ones teach retrieval fastest and pack several to a row;
+  with lengths uniform instead, 400 steps of 2 x 2,048 rows left the value's digits at 14%
+  at 2,048 positions, against 46%. A quarter of haystacks filling the whole row instead, for
+  longer needle-to-question distances, made the nano run's recall worse (docs/retrieval.md)."""
   shortest = min(MIN_HAYSTACK, room.positions)
-  whole_row = rng.random() < WHOLE_ROW_SHARE
-  total = room.positions if whole_row else log_uniform(rng, shortest, room.positions)
+  total = log_uniform(rng, shortest, room.positions)
   count = int(rng.integers(1, max(1, min(MAX_NEEDLES, total // 64)) + 1))
   keys = needles.draw_keys(rng, 'train', count)
   values = [needles.draw_value(rng) for _ in keys]
@@ -161,12 +158,12 @@ def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.rand
 
 def video_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                   room: Room) -> Example:
-  """A video of 4 to as many seconds as the row holds (log-uniform as text haystacks, at
-  most ``MAX_VIDEO_SECONDS``): the word frame of one clip at a uniform second, among frames
-  of that and further clips (their own word frames left out)."""
+  """A video of 4 to as many seconds as the row holds (uniform, at most ``MAX_VIDEO_SECONDS``):
+  the word frame of one clip at a uniform second, among frames of that and further clips
+  (their own word frames left out)."""
   most = min((room.positions - VIDEO_OVERHEAD) // video_lib.POSITIONS_PER_SECOND,
              room.patches // image_lib.PATCHES_PER_IMAGE, MAX_VIDEO_SECONDS)
-  seconds = log_uniform(rng, min(MIN_VIDEO_SECONDS, most), most) if most > 0 else 1
+  seconds = int(rng.integers(min(MIN_VIDEO_SECONDS, most), most + 1)) if most > 0 else 1
   first = next_record()
   word, needle = examples.as_str(first['word']), first['frames'][int(first['word_second'])]
   frames, record = [], first
