@@ -17,6 +17,7 @@ haystack        text_corpus          ``<bos>`` text with needles, questions | ``
 arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `` {steps}<eos>``
 audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
 repeat          (generated)          ``<bos>Repeat:`` {span, out of the loss} | {span}``<eos>``
+word_frame      video_clips          ``<bos>`` image ``Word:`` | `` {word}<eos>``
 ==============  ===================  =====================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
@@ -83,6 +84,12 @@ def video_prompt(frames_SHWC, tokenizer: Tokenizer) -> Example:
   """``<bos>`` video ``Word:``, for frames ``[S, H, W, C]`` at one frame a second."""
   return ([Segment.text([tokenizer.bos_id])] + video_lib.video_segments(frames_SHWC, 1.0, tokenizer)
           + [examples.text(tokenizer, 'Word:')])
+
+
+def word_frame_prompt(frame_HWC, tokenizer: Tokenizer) -> Example:
+  """``<bos>`` image ``Word:``, for one video frame ``[H, W, C]``."""
+  return [Segment.text([tokenizer.bos_id]), Segment.image(image_lib.patchify(frame_HWC)),
+          examples.text(tokenizer, 'Word:')]
 
 
 def text_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
@@ -179,6 +186,15 @@ def video_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.
   return video_prompt(np.stack(frames), tokenizer) + [answer(word, tokenizer, time_stamp=second)]
 
 
+def word_frame_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
+  """A clip's word frame alone, about 25 positions: the recognition step of the video task,
+  dozens to a row where a video gives one (docs/retrieval.md)."""
+  del rng, room
+  record = next_record()
+  frame = record['frames'][int(record['word_second'])]
+  return word_frame_prompt(frame, tokenizer) + [answer(examples.as_str(record['word']), tokenizer)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One entry of the mixture.
@@ -210,5 +226,6 @@ TASKS = (
     Task('arithmetic', None, arithmetic.arithmetic_example),
     Task('audio_haystack', audio_haystack, audio_haystack.audio_haystack_example),
     Task('repeat', None, repeat.repeat_example),
+    Task('word_frame', video_clips, word_frame_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

@@ -281,3 +281,25 @@ def test_corrupt_prepared_data_names_the_fix(small_data_dir, tmp_path):
 def test_unprepared_data_names_the_command(tmp_path):
   with pytest.raises(DataError, match='gemini_mini.data.prepare --subset small'):
     batches(str(tmp_path), 1)
+
+
+def test_word_frame_rows_are_the_clips_word_frames(small_data_dir):
+  """Each ``word_frame`` example is one train clip's word frame (patches equal to the frame
+  patchified) and ``Word: {word}``; dozens fit a row."""
+  tokenizer = Tokenizer()
+  clips = video_clips.builder(small_data_dir, 'small').as_data_source('train')
+  frames_by_word = {}
+  for index in range(len(clips)):
+    clip = clips[index]
+    frames_by_word.setdefault(clip['word'].decode(), []).append(
+        image_lib.patchify(clip['frames'][int(clip['word_second'])]))
+  [batch], _ = batches(small_data_dir, 1, weights={'word_frame': 1.0}, batch_size=1,
+                       seq_len=512, shapes=dict(SHAPES, num_patches=512))
+  examples = list(segments_of(batch, 0))
+  assert len(examples) >= 15
+  for tokens, modality, patches, _ in examples:
+    text = tokenizer.decode(tokens[modality == Modality.TEXT])
+    word = text.removeprefix('Word: ')
+    assert text.startswith('Word: ') and word.upper() in frames_by_word
+    assert len(patches) == image_lib.PATCHES_PER_IMAGE and tokens[-1] == tokenizer.eos_id
+    assert any(np.array_equal(patches, frame) for frame in frames_by_word[word.upper()])
