@@ -123,6 +123,17 @@ def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenize
   return audio_haystack_prompt(filler_N, keyword_K, float(rng.random()), tokenizer) + [reply]
 
 
+def keyword_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
+                    rng: np.random.Generator, room: examples.Room) -> examples.Example:
+  """A keyword utterance alone: an audio haystack without filler, about 60 positions (the
+  ``keyword`` task, the audio haystack's recognition step; docs/retrieval.md)."""
+  del rng, room
+  record = next_record()
+  keyword_K = np.asarray(record['keyword_audio'], np.int16)
+  return (audio_haystack_prompt(np.zeros(0, np.int16), keyword_K, 0.0, tokenizer)
+          + [examples.answer(record['keyword'], tokenizer)])
+
+
 class KeywordedSentences:
   """A split's sentences, each with one keyword utterance added: record ``i`` is sentence
   record ``i`` plus ``keyword_audio`` (int16 ``[K]``) and ``keyword`` (its word, lower case)

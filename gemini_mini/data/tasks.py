@@ -18,6 +18,7 @@ arithmetic      (generated)          ``<bos>Question: 23 + 45 - 12 = ?`` ... | `
 audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {word}<eos>``
 repeat          (generated)          ``<bos>Repeat:`` {span, out of the loss} | {span}``<eos>``
 word_frame      video_clips          ``<bos>`` image ``Word:`` | `` {word}<eos>``
+keyword         speech_transcripts   ``<bos>`` keyword utterance ``Secret word:`` | `` {word}<eos>``
 ==============  ===================  =====================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
@@ -227,5 +228,6 @@ TASKS = (
     Task('audio_haystack', audio_haystack, audio_haystack.audio_haystack_example),
     Task('repeat', None, repeat.repeat_example),
     Task('word_frame', video_clips, word_frame_example),
+    Task('keyword', audio_haystack, audio_haystack.keyword_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

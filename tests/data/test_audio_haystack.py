@@ -4,6 +4,7 @@ examples fit the row and repeat for a seed, and each split hears its own voices.
 import numpy as np
 import pytest
 
+from gemini_mini.batch import Modality
 from gemini_mini.data import audio_haystack, prepare, speech, tasks, video_clips
 from gemini_mini.modalities import interleave
 from gemini_mini.modalities.text import Tokenizer
@@ -141,3 +142,18 @@ def test_a_keyword_longer_than_the_row_gives_an_example_the_mixture_skips(source
   flat = interleave.flatten(audio_haystack.audio_haystack_example(
       next_record, tokenizer, np.random.default_rng(0), room), tokenizer)
   assert len(flat.audio) > room.audio_frames
+
+
+def test_a_keyword_example_is_the_keyword_utterance_alone(sources, tokenizer):
+  next_record, read = reader(sources['train'], start=7)
+  example = audio_haystack.keyword_example(next_record, tokenizer, np.random.default_rng(0),
+                                           ROOMS[0])
+  record = sources['train'][read[0]]
+  flat = interleave.flatten(example, tokenizer)
+  keyword_AD = features(record['keyword_audio'])[:-1]  # the last frame is padded (above)
+  assert len(read) == 1 and len(flat.audio) == audio_haystack.frames_of(
+      len(record['keyword_audio']))
+  np.testing.assert_allclose(flat.audio[:len(keyword_AD)], keyword_AD, atol=1e-5)
+  text = tokenizer.decode(flat.tokens[flat.modality == Modality.TEXT])
+  assert text == f'{audio_haystack.CUE} {record["keyword"]}'
+  assert flat.tokens[-1] == tokenizer.eos_id
