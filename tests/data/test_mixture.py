@@ -12,7 +12,7 @@ import pytest
 
 from gemini_mini.batch import Modality, check_batch
 from gemini_mini.config import DataConfig
-from gemini_mini.data import (arithmetic, examples, image_caption, mixture, needles, tasks,
+from gemini_mini.data import (arithmetic, examples, image_caption, mixture, tasks,
                               text_corpus, video_clips)
 from gemini_mini.data.mixture import DataError, Mixture
 from gemini_mini.modalities import image as image_lib
