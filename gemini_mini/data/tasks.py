@@ -69,10 +69,15 @@ MAX_VIDEO_SECONDS = 64  # twice the video haystack target: longer rows hold seve
 VIDEO_OVERHEAD = 16     # positions of a video example besides its seconds (bos, brackets, answer)
 
 
-def caption_prompt(image_HWC, tokenizer: Tokenizer) -> Example:
-  """``<bos>`` image ``Caption:``, for an image as ``image.patchify`` accepts."""
+def image_prompt(image_HWC, cue: str, tokenizer: Tokenizer) -> Example:
+  """``<bos>`` image ``{cue}``, for an image as ``image.patchify`` accepts."""
   return [Segment.text([tokenizer.bos_id]), Segment.image(image_lib.patchify(image_HWC)),
-          examples.text(tokenizer, 'Caption:')]
+          examples.text(tokenizer, cue)]
+
+
+def caption_prompt(image_HWC, tokenizer: Tokenizer) -> Example:
+  """``<bos>`` image ``Caption:``."""
+  return image_prompt(image_HWC, 'Caption:', tokenizer)
 
 
 def speech_prompt(samples_N, tokenizer: Tokenizer) -> Example:
@@ -85,12 +90,6 @@ def video_prompt(frames_SHWC, tokenizer: Tokenizer) -> Example:
   """``<bos>`` video ``Word:``, for frames ``[S, H, W, C]`` at one frame a second."""
   return ([Segment.text([tokenizer.bos_id])] + video_lib.video_segments(frames_SHWC, 1.0, tokenizer)
           + [examples.text(tokenizer, 'Word:')])
-
-
-def word_frame_prompt(frame_HWC, tokenizer: Tokenizer) -> Example:
-  """``<bos>`` image ``Word:``, for one video frame ``[H, W, C]``."""
-  return [Segment.text([tokenizer.bos_id]), Segment.image(image_lib.patchify(frame_HWC)),
-          examples.text(tokenizer, 'Word:')]
 
 
 def text_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
@@ -193,7 +192,8 @@ def word_frame_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room:
   del rng, room
   record = next_record()
   frame = record['frames'][int(record['word_second'])]
-  return word_frame_prompt(frame, tokenizer) + [answer(examples.as_str(record['word']), tokenizer)]
+  word = examples.as_str(record['word'])
+  return image_prompt(frame, 'Word:', tokenizer) + [answer(word, tokenizer)]  # the video's cue
 
 
 @dataclasses.dataclass(frozen=True)
