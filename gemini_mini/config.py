@@ -180,7 +180,8 @@ class EvalConfig:
   video_seconds: tuple[int, ...] = (8, 16, 32)   # video haystack lengths, one frame a second
   audio_seconds: tuple[int, ...] = (10, 20, 30)  # audio haystack lengths
   num_needles: int = 10           # multi-needle: needles in one context
-  perplexity_tokens: int = 8192   # NLL by position over this many tokens of each long document
+  perplexity_tokens: int = 8192   # NLL by position over windows of this many tokens
+  perplexity_windows: int = 16    # windows per long document, their NLL averaged by position
   task_examples: int = 100        # held-out captions / transcripts scored
   samples: int = 8                # self-consistency: k sampled answers
   consistency_threshold: float = 0.5  # tau: the majority's share needed to beat greedy
@@ -188,8 +189,8 @@ class EvalConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ('batch_size', 'trials', 'num_needles', 'perplexity_tokens', 'task_examples',
-                 'samples'):
+    for name in ('batch_size', 'trials', 'num_needles', 'perplexity_tokens',
+                 'perplexity_windows', 'task_examples', 'samples'):
       _require(getattr(self, name) > 0, f'eval.{name}', f'must be positive, got {getattr(self, name)}')
     for name in ('context_lengths', 'video_seconds', 'audio_seconds'):
       values = getattr(self, name)

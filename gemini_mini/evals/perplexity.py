@@ -1,21 +1,29 @@
 """Perplexity suite: cumulative average NLL by token position on long held-out documents.
 
 The documents are the ``long`` split of ``text_corpus`` (the King James Bible and the Flax
-codebase, never trained on), each scored separately. A document is ``<bos>`` then its first
-tokens, ``W = min(eval.perplexity_tokens, model.max_length)`` positions in all, run through
-the decoder as one window: the token at position ``n`` (bos is 0) is predicted from every
-token before it, ``n = 1 .. W - 1``. The model has no context beyond ``model.max_length``,
-so when ``eval.perplexity_tokens`` asks for more the window is clamped (a note is printed
-and the JSON records both numbers): scoring later tokens with a shortened, sliding context
-would mix "NLL given n tokens" with "NLL given at most max_length tokens" in one curve.
-Positions past ``train.seq_len`` were never trained on; the plot marks where they start.
+codebase, never trained on), each scored separately. From each document the suite cuts
+``eval.perplexity_windows`` windows, their starts spread evenly from its first token to its
+last full window; a window is ``<bos>`` then ``W - 1`` tokens, ``W = min(eval.perplexity_tokens,
+model.max_length)``, run through the decoder as one row: the token at position ``n`` (bos is
+0) is predicted from every token before it, ``n = 1 .. W - 1``. The NLL at each position is
+averaged over the windows, as the Gemini 1.5 report averages over documents: one window's
+curve is dominated by what its first hundred tokens happen to say. The model has no context
+beyond ``model.max_length``, so when ``eval.perplexity_tokens`` asks for more the window is
+clamped (a note is printed and the JSON records both numbers): scoring later tokens with a
+shortened, sliding context would mix "NLL given n tokens" with "NLL given at most
+max_length tokens" in one curve.
 
-Per document, the cumulative average ``L(n) = mean(nll_1 .. nll_n)`` is fitted with the
-power law ``a * n^(-b) + c`` of the Gemini 1.5 report (``fit_power_law``). Writes
-``perplexity.json``: figures ``{'window', 'tokens_requested', DOCUMENT: {'tokens' (W - 1
-scored positions), 'nll_mean', 'a', 'b', 'c', 'r2'}}`` with DOCUMENT ``kjv_bible`` and
-``flax_codebase``, and items ``[{'document', 'name', 'nll': per-position NLL}]``; and
-``perplexity_nll.png`` (the curves and their fits, log position axis).
+Per document, the cumulative average ``L(n) = mean(nll_1 .. nll_n)`` of the averaged NLL is
+fitted with the power law ``a * n^(-b) + c`` of the Gemini 1.5 report (``fit_power_law``)
+twice: over the whole window, and over the positions a training row holds (``n <
+train.seq_len``, ``within_row``); positions past ``train.seq_len`` were never trained on
+(the plot marks where they start). Writes ``perplexity.json``: figures ``{'window',
+'tokens_requested', 'windows', DOCUMENT: {'tokens' (W - 1 scored positions), 'windows',
+'nll_mean', 'a', 'b', 'c', 'r2', 'within_row': {'positions', 'a', 'b', 'c', 'r2'}}}`` with
+DOCUMENT ``kjv_bible`` and ``flax_codebase``, and items ``[{'document', 'name', 'starts'
+(each window's first token in the document), 'window_nll_mean' (per window), 'nll' (per
+position, averaged over the windows)}]``; and ``perplexity_nll.png`` (the curves and both
+fits, log position axis).
 """
 
 import functools
@@ -102,14 +110,23 @@ def cumulative_mean(nll_N: np.ndarray) -> np.ndarray:
   return np.cumsum(nll_N) / np.arange(1, len(nll_N) + 1)
 
 
-def long_documents(data_dir: str, subset: str, count: int) -> dict[str, tuple[str, np.ndarray]]:
-  """``{source: (name, ids)}`` for the documents of the ``long`` split, ``ids`` ``<bos>`` and
-  the first ``count - 1`` tokens (``[count]`` unless the document is shorter); builds the
+def long_documents(data_dir: str, subset: str, count: int, windows: int
+                   ) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+  """``{source: (name, starts_K, ids_KL)}`` for the documents of the ``long`` split: ``K <=
+  windows`` windows, window k ``<bos>`` and the ``L - 1 = count - 1`` tokens from token
+  ``starts_K[k]`` (``L`` is shorter only for a document shorter than that, then one window).
+  The starts are spread evenly from 0 to the last full window, duplicates dropped. Builds the
   text corpus under ``data_dir`` first if it is missing. Whole documents are encoded (0.3 s
   for the Bible): a cut text could end mid-piece."""
   tokenizer = text_lib.Tokenizer()
-  return {source: (name, np.concatenate([[tokenizer.bos_id], ids[:count - 1]]).astype(np.int32))
-          for source, (name, ids) in common.long_documents(data_dir, subset, tokenizer).items()}
+  documents = {}
+  for source, (name, ids) in common.long_documents(data_dir, subset, tokenizer).items():
+    last = max(len(ids) - (count - 1), 0)
+    starts_K = np.unique(np.linspace(0, last, windows).round().astype(np.int64))
+    ids_KL = np.stack([np.concatenate([[tokenizer.bos_id], ids[start:start + count - 1]])
+                       for start in starts_K]).astype(np.int32)
+    documents[source] = (name, starts_K, ids_KL)
+  return documents
 
 
 @functools.partial(jax.jit, static_argnames='graphdef')
@@ -148,48 +165,59 @@ def position_nll(decoder, documents: Sequence[np.ndarray], *, batch_size: int
   return results
 
 
-def plot(curves: dict[str, np.ndarray], fits: dict[str, PowerLaw], path: pathlib.Path, *,
-         step: int, seq_len: int) -> None:
-  """Cumulative NLL by position (log x) with each document's fit dashed in its colour."""
+def plot(curves: dict[str, np.ndarray], fits: dict[str, tuple[PowerLaw, PowerLaw]],
+         path: pathlib.Path, *, step: int, seq_len: int) -> None:
+  """Cumulative NLL by position (log x) with each document's fits in its colour: over the
+  whole window dashed, over a training row's positions dotted."""
   figure, axes = plt.subplots(figsize=(7, 4.5))
   for (document, curve_N), color in zip(curves.items(), plt.rcParams['axes.prop_cycle']):
     n_N = np.arange(1, len(curve_N) + 1)
-    fit = fits[document]
     axes.plot(n_N, curve_N, color=color['color'], label=document)
-    axes.plot(n_N, fit.a * n_N ** -fit.b + fit.c, '--', color=color['color'],
-              label=f'fit {fit.a:.2f} n^({-fit.b:.2f}) + {fit.c:.2f}, R² {fit.r2:.3f}')
+    for fit, style, n_F, where in ((fits[document][0], '--', n_N, 'all'),
+                                   (fits[document][1], ':', n_N[:seq_len - 1], 'row')):
+      axes.plot(n_F, fit.a * n_F ** -fit.b + fit.c, style, color=color['color'],
+                label=f'fit ({where}) {fit.a:.2f} n^({-fit.b:.2f}) + {fit.c:.2f}, '
+                      f'R² {fit.r2:.3f}')
   longest = max(len(curve_N) for curve_N in curves.values())
   if seq_len < longest:
-    axes.axvline(seq_len, color='grey', linestyle=':', label='train.seq_len')
+    axes.axvline(seq_len, color='grey', linestyle='-.', label='train.seq_len')
   axes.set(xscale='log', xlabel='token position n', ylabel='mean NLL of tokens 1..n (nats)',
            title=f'Cumulative NLL on held-out long documents (step {step})')
-  axes.legend(fontsize=8)
+  axes.legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   plt.close(figure)
 
 
 def run(loaded: Loaded, out_dir) -> dict:
-  """Scores the long documents, fits the power laws, writes the JSON and the plot; returns
-  the figures (see the module docstring)."""
+  """Scores the long documents' windows, fits the power laws, writes the JSON and the plot;
+  returns the figures (see the module docstring)."""
   config = loaded.config
   requested = config.eval.perplexity_tokens
   window = min(requested, config.model.max_length)
   if window < requested:
     print(f'perplexity: eval.perplexity_tokens={requested} exceeds model.max_length='
-          f'{config.model.max_length}, the longest context the model has; scoring the first '
-          f'{window} tokens of each document', flush=True)
-  documents = long_documents(config.data.dir, config.data.subset, window)
-  nlls = position_nll(loaded.decoder, [ids for _, ids in documents.values()],
-                      batch_size=config.eval.batch_size)
-  figures = {'window': window, 'tokens_requested': requested}
+          f'{config.model.max_length}, the longest context the model has; scoring '
+          f'windows of {window} tokens', flush=True)
+  documents = long_documents(config.data.dir, config.data.subset, window,
+                             config.eval.perplexity_windows)
+  figures = {'window': window, 'tokens_requested': requested,
+             'windows': config.eval.perplexity_windows}
   curves, fits, items = {}, {}, []
-  for (document, (name, _)), nll_N in zip(documents.items(), nlls):
+  for document, (name, starts_K, ids_KL) in documents.items():
+    nll_KN = np.stack(position_nll(loaded.decoder, list(ids_KL),
+                                   batch_size=config.eval.batch_size))
+    nll_N = nll_KN.mean(0)
     curves[document] = cumulative_mean(nll_N)
-    fits[document] = fit_power_law(np.arange(1, len(nll_N) + 1), curves[document])
-    figures[document] = {'tokens': len(nll_N), 'nll_mean': float(curves[document][-1]),
-                         **fits[document]._asdict()}
-    items.append({'document': document, 'name': name,
+    n_N = np.arange(1, len(nll_N) + 1)
+    row = min(config.train.seq_len, window) - 1  # positions a training row holds
+    fits[document] = (fit_power_law(n_N, curves[document]),
+                      fit_power_law(n_N[:row], curves[document][:row]))
+    figures[document] = {'tokens': len(nll_N), 'windows': len(starts_K),
+                         'nll_mean': float(curves[document][-1]), **fits[document][0]._asdict(),
+                         'within_row': {'positions': row, **fits[document][1]._asdict()}}
+    items.append({'document': document, 'name': name, 'starts': starts_K.tolist(),
+                  'window_nll_mean': [round(float(value), 5) for value in nll_KN.mean(1)],
                   'nll': [round(float(value), 5) for value in nll_N]})
   common.write_result(out_dir, SUITE, loaded, figures, items)
   plot(curves, fits, pathlib.Path(out_dir) / f'{SUITE}_nll.png', step=loaded.step,

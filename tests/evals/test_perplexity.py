@@ -1,6 +1,6 @@
 """Perplexity: the power-law fit on synthetic curves and noise, the NLL by position against
 a float64 numpy reference and a prefix-by-prefix loop, and the suite end to end on the tiny
-checkpoint (one window, clamped to ``model.max_length``)."""
+checkpoint (windows clamped to ``model.max_length``)."""
 
 import json
 
@@ -11,7 +11,7 @@ from flax import nnx
 
 from gemini_mini import Batch
 from gemini_mini import config as config_lib
-from gemini_mini.evals import perplexity
+from gemini_mini.evals import common, perplexity
 from gemini_mini.infer.load import load
 from gemini_mini.modalities import interleave
 from gemini_mini.modalities.text import Tokenizer
@@ -82,29 +82,55 @@ def test_position_nll_matches_references():
                                            abs=2e-4)
 
 
-def test_long_documents_are_bos_and_the_first_tokens(small_data_dir):
-  documents = perplexity.long_documents(small_data_dir, 'small', 64)
-  assert list(documents) == ['flax_codebase', 'kjv_bible']
+def test_long_documents_are_windows_spread_over_each_document(small_data_dir):
   tokenizer = Tokenizer()
-  name, ids = documents['kjv_bible']
-  assert name == 'Gen1:1-Rev22:21' and ids.shape == (64,) and ids[0] == tokenizer.bos_id
-  assert tokenizer.decode(ids).startswith('\nGenesis 1\n\n  1 In the beginning God')
+  whole = common.long_documents(small_data_dir, 'small', tokenizer)
+  documents = perplexity.long_documents(small_data_dir, 'small', 64, 5)
+  assert list(documents) == ['flax_codebase', 'kjv_bible']
+  for source, (name, starts_K, ids_KL) in documents.items():
+    ids = whole[source][1]
+    assert name == whole[source][0] and ids_KL.shape == (5, 64) and ids_KL.dtype == np.int32
+    # Evenly spread: the first window opens the document, the last one ends it.
+    assert starts_K[0] == 0 and starts_K[-1] == len(ids) - 63
+    assert np.abs(np.diff(starts_K) - (len(ids) - 63) / 4).max() <= 1
+    for start, window_L in zip(starts_K, ids_KL):
+      assert window_L[0] == tokenizer.bos_id
+      np.testing.assert_array_equal(window_L[1:], ids[start:start + 63])
+  name, starts_K, ids_KL = documents['kjv_bible']
+  assert name == 'Gen1:1-Rev22:21'
+  assert tokenizer.decode(ids_KL[0]).startswith('\nGenesis 1\n\n  1 In the beginning God')
+
+
+def test_a_document_shorter_than_the_window_is_one_window(small_data_dir):
+  length = len(common.long_documents(small_data_dir, 'small', Tokenizer())['kjv_bible'][1])
+  _, starts_K, ids_KL = perplexity.long_documents(small_data_dir, 'small', length + 50,
+                                                  4)['kjv_bible']
+  assert starts_K.tolist() == [0] and ids_KL.shape == (1, length + 1)
 
 
 @pytest.mark.parametrize('tokens, window', [(256, 256), (1024, 512)])
 def test_suite_writes_curves_fits_and_plot(tiny_run_dir, tmp_path, capsys, tokens, window):
-  loaded = load(tiny_run_dir, [f'eval.perplexity_tokens={tokens}'])
+  loaded = load(tiny_run_dir, [f'eval.perplexity_tokens={tokens}', 'eval.perplexity_windows=3'])
   figures = perplexity.run(loaded, tmp_path)
   assert ('exceeds model.max_length=512' in capsys.readouterr().out) == (tokens > window)
   record = json.loads((tmp_path / 'perplexity.json').read_text())
   assert record['suite'] == 'perplexity' and record['figures'] == figures
   assert figures['window'] == window and figures['tokens_requested'] == tokens
+  assert figures['windows'] == 3
   assert [item['document'] for item in record['items']] == ['flax_codebase', 'kjv_bible']
+  row = min(loaded.config.train.seq_len, window) - 1
   for item in record['items']:
     scores = figures[item['document']]
-    assert set(scores) == {'tokens', 'nll_mean', 'a', 'b', 'c', 'r2'}
+    assert set(scores) == {'tokens', 'windows', 'nll_mean', 'a', 'b', 'c', 'r2', 'within_row'}
     assert scores['tokens'] == len(item['nll']) == window - 1
+    assert scores['windows'] == len(item['starts']) == len(item['window_nll_mean']) == 3
+    # Equal-length windows: the by-position average and the per-window means agree.
     assert scores['nll_mean'] == pytest.approx(np.mean(item['nll']), abs=1e-5)
+    assert scores['nll_mean'] == pytest.approx(np.mean(item['window_nll_mean']), abs=1e-5)
     assert 0 < scores['nll_mean'] < 2 * np.log(MODEL_CONFIG.vocab_size)
-    assert scores['r2'] <= 1
+    assert scores['r2'] <= 1 and scores['within_row']['r2'] <= 1
+    assert scores['within_row']['positions'] == row
+    curve_N = perplexity.cumulative_mean(item['nll'])
+    expected = perplexity.fit_power_law(np.arange(1, row + 1), curve_N[:row])
+    assert scores['within_row']['b'] == pytest.approx(expected.b, abs=1e-3)
   assert (tmp_path / 'perplexity_nll.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
