@@ -192,6 +192,8 @@ class Decoder(nnx.Module):
     x_BTD = self.text.embed(batch.tokens)
     for modality, encoder, items_BXI in ((Modality.IMAGE, self.image, batch.patches),
                                          (Modality.AUDIO, self.audio, batch.audio)):
+      if not items_BXI.shape[1]:  # no items of this kind (a decoding step): no encoder to run
+        continue
       is_item_BT = batch.modality == modality
       item_BXD = encoder(items_BXI)
       index_BT = jnp.clip(jnp.cumsum(is_item_BT, axis=1) - 1, 0, item_BXD.shape[1] - 1)

@@ -111,10 +111,11 @@ def test_decoding_with_kv_cache_matches_full_forward(test_config, num_kv_heads):
   logits, cache = decode(decoder, take(0, prompt), cache)
   np.testing.assert_allclose(last, logits[:, -1:], atol=1e-5)  # the prompt's next-token logits
   steps = [logits]
-  no_items = dict(patches=jnp.zeros((2, 1, model_config.patch_dim)),
-                  audio=jnp.zeros((2, 1, model_config.audio_dim)))
+  # Generated tokens are text: steps carry no image or audio items, as in `generate`.
+  no_items = dict(patches=jnp.zeros((2, 0, model_config.patch_dim)),
+                  audio=jnp.zeros((2, 0, model_config.audio_dim)))
   for t in range(prompt, length):
-    step = replace(take(t, t + 1), **no_items)  # generated tokens are text
+    step = replace(take(t, t + 1), **no_items)
     logits, cache = decode(decoder, step, cache)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full_logits, atol=2e-5)

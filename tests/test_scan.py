@@ -124,8 +124,8 @@ def test_kv_cache_decoding_equals_the_unscanned_model(test_config, shape):
   np.testing.assert_allclose(logits_s, scanned(batch)[0], atol=2e-5)  # == the full forward
   for layer in range(model_config.num_layers):
     assert int(cache_s[layer].end) == length
-    assert cache_s[layer].k_BSKH.shape == cache[layer].k_BSKH.shape
-    np.testing.assert_allclose(cache_s[layer].k_BSKH, cache[layer].k_BSKH, **TOLERANCE)
+    assert cache_s[layer].k_JHS.shape == cache[layer].k_JHS.shape
+    np.testing.assert_allclose(cache_s[layer].k_JHS, cache[layer].k_JHS, **TOLERANCE)
     np.testing.assert_array_equal(cache_s[layer].segment_ids_BS, cache[layer].segment_ids_BS)
   assert cache_s.nbytes == sum(c.nbytes for c in cache)
 

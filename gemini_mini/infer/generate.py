@@ -154,13 +154,14 @@ def _decode_loop(graphdef, state, logits_BV, cache, lengths_B, max_new_tokens, i
   the loop then updates one cache in place instead of holding a second copy.
   """
   decoder = nnx.merge(graphdef, state)
-  batch_size, cache_length = lengths_B.shape[0], cache[0].k_BSKH.shape[1]
+  batch_size, cache_length = lengths_B.shape[0], cache[0].k_JHS.shape[2]
   choose = lambda logits_BV, step: sampling.sample(
       logits_BV, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
       top_p=top_p)
   column = lambda value, dtype: jnp.full((batch_size, 1), value, dtype)
-  no_items = {'patches': jnp.zeros((batch_size, 1, decoder.config.patch_dim)),
-              'audio': jnp.zeros((batch_size, 1, decoder.config.audio_dim))}
+  # New tokens are text: no image or audio items, so the step skips both encoders.
+  no_items = {'patches': jnp.zeros((batch_size, 0, decoder.config.patch_dim)),
+              'audio': jnp.zeros((batch_size, 0, decoder.config.audio_dim))}
 
   def feed_back(carry):
     step, cache, tokens_B, done_B, generated_BS = carry

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemini_mini.layers.attention_kernels import (
-    KERNELS, attention_mask, chunked_attention, dense_attention)
+    KERNELS, attention_mask, cached_attention, chunked_attention, dense_attention)
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.rope import apply_rope
 
@@ -37,8 +37,8 @@ class KVCache:
   The caller keeps ``end + new tokens <= max_length`` (XLA would clamp the write).
   """
 
-  k_BSKH: jax.Array
-  v_BSKH: jax.Array
+  k_JHS: jax.Array  # J = B * K (batch major): the layouts ``cached_attention``'s matmuls
+  v_JSH: jax.Array  # read as they are
   segment_ids_BS: jax.Array
   positions_BS: jax.Array
   end: jax.Array  # int32 scalar: the next slot to write
@@ -46,26 +46,28 @@ class KVCache:
   @classmethod
   def create(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> 'KVCache':
-    kv_shape = (batch_size, max_length, num_kv_heads, head_dim)
     return cls(
-        k_BSKH=jnp.zeros(kv_shape, dtype), v_BSKH=jnp.zeros(kv_shape, dtype),
+        k_JHS=jnp.zeros((batch_size * num_kv_heads, head_dim, max_length), dtype),
+        v_JSH=jnp.zeros((batch_size * num_kv_heads, max_length, head_dim), dtype),
         segment_ids_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         positions_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         end=jnp.zeros((), jnp.int32))
 
   @property
   def nbytes(self) -> int:
-    return self.k_BSKH.nbytes + self.v_BSKH.nbytes
+    return self.k_JHS.nbytes + self.v_JSH.nbytes
 
   def append(self, k_BTKH, v_BTKH, segment_ids_BT, positions_BT) -> 'KVCache':
     """Writes ``T`` new tokens at slot ``end`` and advances it."""
-    def write(buffer, new):
-      start = (0, self.end) + (0,) * (buffer.ndim - 2)
+    def write(buffer, new, axis):
+      start = [0] * buffer.ndim
+      start[axis] = self.end
       return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
     return KVCache(
-        k_BSKH=write(self.k_BSKH, k_BTKH), v_BSKH=write(self.v_BSKH, v_BTKH),
-        segment_ids_BS=write(self.segment_ids_BS, segment_ids_BT),
-        positions_BS=write(self.positions_BS, positions_BT),
+        k_JHS=write(self.k_JHS, einops.rearrange(k_BTKH, 'B T K H -> (B K) H T'), 2),
+        v_JSH=write(self.v_JSH, einops.rearrange(v_BTKH, 'B T K H -> (B K) T H'), 1),
+        segment_ids_BS=write(self.segment_ids_BS, segment_ids_BT, 1),
+        positions_BS=write(self.positions_BS, positions_BT, 1),
         end=self.end + k_BTKH.shape[1])
 
 
@@ -124,8 +126,8 @@ class Attention(nnx.Module):
       cache = cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
       mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
                                 cache.positions_BS, self.window)
-      o_BTKGH = dense_attention(q_BTKGH, cache.k_BSKH.astype(self.dtype),
-                                cache.v_BSKH.astype(self.dtype), mask_BTS)
+      o_BTKGH = cached_attention(q_BTKGH, cache.k_JHS.astype(self.dtype),
+                                 cache.v_JSH.astype(self.dtype), mask_BTS)
     elif self.kernel == 'chunked':
       o_BTKGH = chunked_attention(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
                                   window=self.window, chunk_size=self.chunk_size)

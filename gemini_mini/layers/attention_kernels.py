@@ -52,6 +52,26 @@ def dense_attention(
   return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
 
 
+def cached_attention(
+    q_BTKGH: jax.Array, k_JHS: jax.Array, v_JSH: jax.Array, mask_BTS: jax.Array,
+) -> jax.Array:
+  """``dense_attention`` (forward only) over a KV cache laid out for XLA:CPU's dot: keys
+  ``[J, H, S]`` and values ``[J, S, H]``, ``J = B * K`` (batch major).
+
+  With the cache as ``[B, S, K, H]``, the dot's reshape of it (dropping ``K = 1``) fused into
+  the cache write, so XLA wrote each layer's updated cache twice and copied it three to
+  four times per decoding step; these layouts are read as they are.
+  """
+  B, T, K, G, H = q_BTKGH.shape
+  q_JQH = q_BTKGH.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+  mask_JQS = jnp.repeat(jnp.tile(mask_BTS, (1, G, 1)), K, axis=0)
+  scores_JQS = jnp.einsum('JQH,JHS->JQS', q_JQH, k_JHS, preferred_element_type=jnp.float32)
+  scores_JQS = jnp.where(mask_JQS, scores_JQS, MASK_VALUE)
+  probs_JQS = jax.nn.softmax(scores_JQS, axis=-1).astype(v_JSH.dtype)
+  o_JQH = jnp.einsum('JQS,JSH->JQH', probs_JQS, v_JSH)
+  return o_JQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
+
+
 def dense_attention_reference(
     q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
 ) -> jax.Array:

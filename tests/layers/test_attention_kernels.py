@@ -1,19 +1,21 @@
 """Tests for the attention kernels against a slow numpy reference written as loops.
 
-``dense_attention`` (with ``attention_mask``) and ``chunked_attention`` take pre-scaled
-queries grouped as ``q_BTKGH`` (query head ``k * G + g`` reads kv head ``k``).
+``dense_attention`` (with ``attention_mask``), ``chunked_attention`` and ``cached_attention``
+(over a KV cache's layouts) take pre-scaled queries grouped as ``q_BTKGH`` (query head
+``k * G + g`` reads kv head ``k``).
 """
 
 import functools
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemini_mini.layers.attention_kernels import (
-    attention_mask, chunked_attention, dense_attention)
+    attention_mask, cached_attention, chunked_attention, dense_attention)
 
 HEADS = {'mqa': (4, 1), 'gqa': (4, 2), 'mha': (4, 4)}  # (N query heads, K kv heads)
 HEAD_DIM = 8
@@ -150,6 +152,25 @@ def test_dense_cross_attention_over_a_cache():
     expected = reference_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions,
                                    k_positions, window)
     np.testing.assert_allclose(dense_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('heads', HEADS)
+def test_cached_attention_reads_the_cache_layouts(heads):
+  # Two rows (so J = B * K must be batch major), three new queries over 10 cache slots: row 0
+  # has 8 written (segment 1), row 1 has 5 (segment 2); the rest empty (segment 0).
+  num_heads, num_kv_heads = HEADS[heads]
+  q, k, v = random_qkv(5, 2, 3, num_heads, num_kv_heads, keys=10)
+  q_segment_ids, q_positions = np.array([[1, 1, 1], [2, 2, 2]]), np.array([[5, 6, 7], [2, 3, 4]])
+  k_segment_ids = np.array([[1] * 8 + [0] * 2, [2] * 5 + [0] * 5])
+  k_positions = np.array([list(range(8)) + [0, 0], list(range(5)) + [0] * 5])
+  for window in (0, 3):
+    mask = attention_mask(q_segment_ids, k_segment_ids, q_positions, k_positions, window)
+    expected = reference_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions,
+                                   k_positions, window)
+    k_JHS = einops.rearrange(k, 'B S K H -> (B K) H S')
+    v_JSH = einops.rearrange(v, 'B S K H -> (B K) S H')
+    np.testing.assert_allclose(cached_attention(q, k_JHS, v_JSH, mask), expected,
+                               atol=1e-5, rtol=1e-4)
 
 
 CHUNKED_CASES = {
