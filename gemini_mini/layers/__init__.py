@@ -12,6 +12,7 @@ Dimension key, used as shape suffixes (``x_BTD``) and as einsum letters
   I  input feature width (patch or audio frame)
   Q  query rows of one KV head, G*T: dense attention folds the heads sharing a KV head into
      its query axis, one matmul per (batch, KV head)
+  J  (batch, KV head) pairs, B*K batch major: the KV cache's leading axis
   X  tokens (or items) flattened into one axis, e.g. B*T: weight matmuls run on ``x_XD``
      (``layers.flatten_tokens``), which XLA:CPU differentiates about twice as fast
 

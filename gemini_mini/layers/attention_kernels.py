@@ -5,8 +5,9 @@ chunked at the peers' 512 tokens. ``chunked_attention`` is the flash-attention r
 in JAX: queries and keys in blocks of ``chunk_size``, an online softmax over key blocks,
 block pairs that the mask rules out wholly skipped, and a hand-written backward that
 recomputes each block's probabilities, so forward and backward hold O(T * chunk) scores at a
-time. Both take pre-scaled queries grouped as ``q_BTKGH`` and return ``o_BTKGH``; scores and
-softmax are float32.
+time. ``cached_attention`` is the dense forward over a KV cache's layouts (decoding). All take
+pre-scaled queries grouped as ``q_BTKGH`` and return ``o_BTKGH``; scores and softmax are
+float32.
 """
 
 import functools
@@ -59,8 +60,8 @@ def cached_attention(
   ``[J, H, S]`` and values ``[J, S, H]``, ``J = B * K`` (batch major).
 
   With the cache as ``[B, S, K, H]``, the dot's reshape of it (dropping ``K = 1``) fused into
-  the cache write, so XLA wrote each layer's updated cache twice and copied it three to
-  four times per decoding step; these layouts are read as they are.
+  the cache write, so XLA wrote each layer's updated value cache twice and made five copies
+  of the cache per layer and decoding step; these layouts are read as they are.
   """
   B, T, K, G, H = q_BTKGH.shape
   q_JQH = q_BTKGH.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
