@@ -201,6 +201,7 @@ def run(loaded: Loaded, out_dir) -> dict:
           f'windows of {window} tokens', flush=True)
   documents = long_documents(config.data.dir, config.data.subset, window,
                              config.eval.perplexity_windows)
+  row = min(config.train.seq_len, window) - 1  # positions a training row holds
   figures = {'window': window, 'tokens_requested': requested,
              'windows': config.eval.perplexity_windows}
   curves, fits, items = {}, {}, []
@@ -210,7 +211,6 @@ def run(loaded: Loaded, out_dir) -> dict:
     nll_N = nll_KN.mean(0)
     curves[document] = cumulative_mean(nll_N)
     n_N = np.arange(1, len(nll_N) + 1)
-    row = min(config.train.seq_len, window) - 1  # positions a training row holds
     fits[document] = (fit_power_law(n_N, curves[document]),
                       fit_power_law(n_N[:row], curves[document][:row]))
     figures[document] = {'tokens': len(nll_N), 'windows': len(starts_K),
