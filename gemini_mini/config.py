@@ -115,6 +115,10 @@ class DataConfig:
   # The first N training steps draw `repeat` examples alone, whatever the weights: the copy
   # (induction) circuit that retrieval needs forms on clean copy data (docs/retrieval.md).
   repeat_only_steps: int = 0
+  # With a loss > 0, repeats alone go on after those steps until a step's cross entropy (the
+  # copy loss) falls below it, for at most twice as many steps in all: the step at which the
+  # circuit forms varies with the seed (155 to 190 in nano runs).
+  repeat_only_until_loss: float = 0.0
 
   def __post_init__(self):
     for name in ('num_patches', 'num_audio_frames'):
@@ -122,6 +126,8 @@ class DataConfig:
     _require(bool(self.dir), 'data.dir', 'must name a directory')
     _require(self.repeat_only_steps >= 0, 'data.repeat_only_steps',
              f'must be >= 0 (0 = the mixture from the first step), got {self.repeat_only_steps}')
+    _require(self.repeat_only_until_loss >= 0, 'data.repeat_only_until_loss',
+             f'must be >= 0 (0 = no loss condition), got {self.repeat_only_until_loss}')
     for name, weight in self.weights().items():
       _require(weight >= 0, f'data.{name}_weight', f'must be >= 0 (0 = unused), got {weight}')
     _require(sum(self.weights().values()) > 0, 'data.text_weight',

@@ -63,6 +63,7 @@ def test_defaults_without_a_file_are_the_nano_model():
     (['mesh.data=-1', 'mesh.fsdp=-1'], 'mesh', 'only one axis may be -1'),
     (['mesh.tensor=0'], 'mesh.tensor', '>= 1 or -1'),
     (['data.num_patches=0'], 'data.num_patches', 'must be positive'),
+    (['data.repeat_only_until_loss=-1'], 'data.repeat_only_until_loss', '>= 0'),
 ])
 def test_bad_values_are_rejected_by_name(overrides, key, hint):
   with pytest.raises(ConfigError) as error:

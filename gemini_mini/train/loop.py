@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gemini_mini import parallel
-from gemini_mini.config import Config, ConfigError
+from gemini_mini.config import Config, ConfigError, DataConfig
 from gemini_mini.data import prepare
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.train import metrics as metrics_lib
@@ -75,21 +75,29 @@ class StopRequest:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
-def make_data(config: Config, split: str, after_step: int | None = None) -> Mixture:
-  """This process's share of the ``split`` batches of the configured task mixture.
-
-  With ``after_step``, the iterator that feeds training step ``after_step + 1``: the
-  ``repeat`` task alone while that step is within ``data.repeat_only_steps``, else the
-  mixture. The run swaps iterators after step ``data.repeat_only_steps``, so a checkpoint
-  always holds the state of the iterator its next step reads.
-  """
+def make_data(config: Config, split: str, repeat_only: bool = False) -> Mixture:
+  """This process's share of the ``split`` batches of the configured task mixture, or of
+  the ``repeat`` task alone (the warm start, ``data.repeat_only_steps``)."""
   m, d, t = config.model, config.data, config.train
-  repeat_only = after_step is not None and after_step < d.repeat_only_steps
   weights = {'repeat': 1.0} if repeat_only else d.weights()
   return Mixture(d.dir, split, weights, batch_size=t.batch_size, seq_len=t.seq_len,
                  seed=t.seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
                  patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset,
                  process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def warm_start_ends(data: DataConfig, step: int, copy_loss: float) -> bool:
+  """Whether training step ``step + 1`` reads the mixture, given that step ``step`` (whose
+  cross entropy, the copy loss, was ``copy_loss``) read repeats alone.
+
+  Repeats alone for ``data.repeat_only_steps`` steps; with ``data.repeat_only_until_loss``,
+  on until a step's copy loss falls below it (the copy circuit has formed), but for no more
+  than twice ``data.repeat_only_steps`` steps in all.
+  """
+  if step < data.repeat_only_steps:
+    return False
+  return (not data.repeat_only_until_loss or copy_loss < data.repeat_only_until_loss
+          or step >= 2 * data.repeat_only_steps)
 
 
 def global_data_state(data: Mixture) -> dict:
@@ -135,12 +143,16 @@ def run(config: Config) -> dict:
   graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
   if checkpointer.latest_step() is not None:
     start, state, data_state = checkpointer.restore(abstract)
-    train_data = make_data(config, 'train', after_step=start)
+    # The saved iterator is the one the next step reads: the warm start's if it holds
+    # repeats alone (when the mixture itself is repeats alone, the two are the same).
+    repeat_only = data_state['tasks'] == ['repeat']
+    train_data = make_data(config, 'train', repeat_only)
     train_data.set_state(data_state)
     message = f'resuming from step {start}'
   else:
     start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
-    train_data = make_data(config, 'train', after_step=0)
+    repeat_only = config.data.repeat_only_steps > 0
+    train_data = make_data(config, 'train', repeat_only)
     message = 'starting'
   if is_chief:
     print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
@@ -188,8 +200,14 @@ def run(config: Config) -> dict:
         if writer:
           writer.write(step, values)
         last = {'step': step, **values}
-      if step == config.data.repeat_only_steps:
-        train_data = make_data(config, 'train', after_step=step)
+      # Swapped before the save, so a checkpoint holds the iterator its next step reads.
+      copy_loss = float(step_metrics['cross_entropy']) if repeat_only else None
+      if repeat_only and warm_start_ends(config.data, step, copy_loss):
+        repeat_only = False
+        train_data = make_data(config, 'train')
+        if is_chief:
+          progress.write(f'step {step}: repeats alone end at copy loss {copy_loss:.3f}; '
+                         'the mixture begins')
       if step % t.checkpoint_every == 0 or step == t.steps:
         checkpointer.save(step, state, global_data_state(train_data))
         saved_step = step

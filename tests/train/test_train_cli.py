@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from gemini_mini import config as config_lib, parallel
+from gemini_mini import config as config_lib
+from gemini_mini import parallel
+from gemini_mini.config import DataConfig
 from gemini_mini.train.checkpoint import Checkpointer
-from gemini_mini.train.loop import make_data
+from gemini_mini.train.loop import make_data, warm_start_ends
 from gemini_mini.train.optimizer import make_optimizer
 from gemini_mini.train.step import abstract_train_state
 
@@ -87,22 +89,35 @@ def test_a_run_writes_metrics_tensorboard_and_checkpoints_and_learns(small_data_
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['20', '40']
 
 
-def test_the_first_repeat_only_steps_read_the_repeat_task_alone(small_data_dir):
+def test_the_warm_start_reads_the_repeat_task_alone(small_data_dir):
   config = config_lib.load(ROOT / 'configs/test.yaml', [
       f'data.dir={small_data_dir}', 'data.repeat_only_steps=3', 'data.repeat_weight=0.5'])
-  tasks = {after: make_data(config, 'train', after_step=after).get_state()['tasks']
-           for after in range(5)}
-  assert tasks[0] == tasks[1] == tasks[2] == ['repeat']
-  assert tasks[3] == tasks[4] == ['text', 'caption', 'speech', 'video', 'repeat']
-  assert make_data(config, 'eval').get_state()['tasks'] == tasks[4]  # eval: the mixture
+  assert make_data(config, 'train', repeat_only=True).get_state()['tasks'] == ['repeat']
+  mixture = ['text', 'caption', 'speech', 'video', 'repeat']
+  assert make_data(config, 'train').get_state()['tasks'] == mixture
+  assert make_data(config, 'eval').get_state()['tasks'] == mixture
+
+
+def test_the_warm_start_ends_after_its_steps_or_when_the_copy_loss_falls():
+  fixed = DataConfig(repeat_only_steps=3)
+  assert [warm_start_ends(fixed, step, copy_loss=5.0) for step in (1, 2, 3, 4)] == [
+      False, False, True, True]
+  until = DataConfig(repeat_only_steps=3, repeat_only_until_loss=0.25)
+  assert not warm_start_ends(until, 2, copy_loss=0.1)  # never before repeat_only_steps
+  assert warm_start_ends(until, 3, copy_loss=0.2)
+  assert not warm_start_ends(until, 3, copy_loss=0.25)  # strictly below
+  assert not warm_start_ends(until, 5, copy_loss=2.0)
+  assert warm_start_ends(until, 6, copy_loss=2.0)  # twice the steps, whatever the loss
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(small_data_dir, tmp_path):
-  # The switch from repeat alone to the mixture (after step 7) comes before the kill, so the
-  # resumed run restores the mixture's iterator mid-stream.
+  # The checkpoint of step 10 lies in the warm start's extension (a copy loss no step
+  # reaches keeps repeats alone on past step 6 until step 12), so the resumed run must
+  # restore the repeat iterator from the checkpoint, not from its step count.
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  common = ('train.steps=20', 'train.checkpoint_every=5', 'data.repeat_only_steps=7')
+  common = ('train.steps=20', 'train.checkpoint_every=5', 'data.repeat_only_steps=6',
+            'data.repeat_only_until_loss=1e-9')
   assert run_train(small_data_dir, straight, *common).returncode == 0
   returncode = start_and_kill_when(small_data_dir, resumed, lambda d: (d / '10').is_dir(), *common)
   assert returncode == -signal.SIGKILL, 'the run ended before it could be killed'
@@ -113,7 +128,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(small_data_dir, tmp_pa
   assert sorted(a) == sorted(b) == list(range(1, 21))
   for step in range(1, 21):
     assert a[step]['loss'] == b[step]['loss'], step
-  assert a[7]['data/repeat_share'] > 0.5 and 'data/text_share' not in a[7]  # the rest: padding
+  assert a[12]['data/repeat_share'] > 0.5 and 'data/text_share' not in a[12]  # the rest: padding
   assert 'data/repeat_share' not in a[20] and a[20]['data/text_share'] > 0
   (step_a, state_a), (step_b, state_b) = final_params(straight), final_params(resumed)
   assert step_a == step_b == 20
