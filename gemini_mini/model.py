@@ -134,6 +134,14 @@ class StackedKVCache:
 
   members: tuple[KVCache, ...]
 
+  @property
+  def empty(self) -> bool:
+    return all(member.empty for member in self.members)
+
+  def marked_written(self) -> 'StackedKVCache':
+    """The same arrays with ``empty`` off: the structure of this cache after an append."""
+    return StackedKVCache(tuple(dataclasses.replace(m, empty=False) for m in self.members))
+
   def __len__(self) -> int:
     return len(self.members) * self.members[0].end.shape[0]
 
@@ -257,12 +265,18 @@ class Decoder(nnx.Module):
     """``lax.scan`` over the groups; the cache rides in the carry (updated in place, one
     group at a time) and each group's MoE aux comes out stacked in layer order."""
     graphdef, stacked = nnx.split(self.groups)
+    # The carry keeps one structure through the scan, so it holds the cache as written, and
+    # each layer is told by hand whether its cache was empty before this call.
+    empty = cache is not None and cache.empty
+    if cache is not None:
+      cache = cache.marked_written()
 
     def step(carry, xs):
       x_BTD, cache = carry
       g, group_state = xs
       group = nnx.merge(graphdef, _set_layers_axis(group_state, present=False))
-      layer_caches = None if cache is None else cache.group(g)
+      layer_caches = None if cache is None else [
+          dataclasses.replace(layer_cache, empty=empty) for layer_cache in cache.group(g)]
       group_aux, new_caches = None, []
       for j, block in enumerate(group.blocks):
         x_BTD, moe_aux, layer_cache = self._run_block(

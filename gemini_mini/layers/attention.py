@@ -35,6 +35,10 @@ class KVCache:
   (segment >= 1) attends to. The cache holds ``K`` heads, not ``N``: with multi-query
   attention it is ``num_heads`` times smaller than a multi-head cache (``nbytes`` shows it).
   The caller keeps ``end + new tokens <= max_length`` (XLA would clamp the write).
+
+  ``empty`` (static, set by ``create``) says that no slot is written yet: the tokens of the
+  first append (a prompt) then see only one another, so ``Attention`` attends among them
+  with its own kernel (the chunked one in O(T * chunk) memory) instead of over all slots.
   """
 
   k_JHS: jax.Array  # J = B * K (batch major): the layouts ``cached_attention``'s matmuls
@@ -42,6 +46,7 @@ class KVCache:
   segment_ids_BS: jax.Array
   positions_BS: jax.Array
   end: jax.Array  # int32 scalar: the next slot to write
+  empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @classmethod
   def create(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -51,7 +56,7 @@ class KVCache:
         v_JSH=jnp.zeros((batch_size * num_kv_heads, max_length, head_dim), dtype),
         segment_ids_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         positions_BS=jnp.zeros((batch_size, max_length), jnp.int32),
-        end=jnp.zeros((), jnp.int32))
+        end=jnp.zeros((), jnp.int32), empty=True)
 
   @property
   def nbytes(self) -> int:
@@ -76,8 +81,9 @@ class Attention(nnx.Module):
 
   ``__call__(x_BTD, segment_ids_BT, positions_BT, cache=None) -> (y_BTD, cache)``. Without a
   cache it attends within ``x`` using ``kernel`` ('dense' or 'chunked'); with one it appends
-  the new keys/values and attends over the whole cache (prefill and decoding), returning the
-  updated cache.
+  the new keys/values and returns the updated cache. Into an empty cache (a prompt) it
+  attends within ``x`` as without one: the same values for every token of a segment >= 1 as
+  attending over the whole cache, which it does once the cache holds tokens (decoding).
   """
 
   def __init__(
@@ -122,8 +128,10 @@ class Attention(nnx.Module):
     q_BTNH = q_BTNH * q_BTNH.shape[-1] ** -0.5
     q_BTKGH = einops.rearrange(q_BTNH, 'B T (K G) H -> B T K G H', K=self.num_kv_heads)
 
+    within_x = cache is None or cache.empty  # no other keys than x's own
     if cache is not None:
       cache = cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+    if not within_x:
       mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
                                 cache.positions_BS, self.window)
       o_BTKGH = cached_attention(q_BTKGH, cache.k_JHS.astype(self.dtype),

@@ -1,5 +1,6 @@
 """Tests for the ``Attention`` module against a numpy forward pass built from its parameters."""
 
+import dataclasses
 import math
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemini_mini.layers import Attention, KVCache
+from gemini_mini.layers import Attention, KVCache, attention_kernels
+from gemini_mini.layers import attention as attention_module
 
 D_MODEL, NUM_HEADS, HEAD_DIM = 16, 4, 8
 HEADS = {'mqa': 1, 'gqa': 2, 'mha': 4}  # name -> num_kv_heads (num_heads is 4)
@@ -176,6 +178,43 @@ def test_left_padded_prompt_decodes_like_an_unpadded_one():
                           jnp.arange(length, dtype=jnp.int32)[None])
     np.testing.assert_allclose(decoded_BTD[row:row + 1, real], alone_BTD,
                                atol=1e-5, rtol=1e-4, err_msg=f'row {row}')
+
+
+@pytest.mark.parametrize('kernel, window', [('dense', 0), ('chunked', 0), ('chunked', 3)])
+def test_a_prompt_into_an_empty_cache_attends_as_over_the_whole_cache(kernel, window,
+                                                                      monkeypatch):
+  # An empty cache lets the prompt attend within itself with the layer's kernel; the same
+  # cache marked written makes it attend over all slots. Row 0 packs two segments, row 1 is
+  # left-padded; real tokens and the written caches must agree, and so must the next step.
+  module = make_attention('gqa', kernel=kernel, chunk_size=4, window=window)
+  over_cache = []  # (prompt cache empty, tokens) of each cached_attention call
+  def spy(q_BTKGH, *args):
+    over_cache.append((empty, q_BTKGH.shape[1]))
+    return attention_kernels.cached_attention(q_BTKGH, *args)
+  monkeypatch.setattr(attention_module, 'cached_attention', spy)
+  batch, prompt, max_length = 2, 9, 16
+  x_BTD = random_x(7, batch, prompt + 1)
+  segment_ids = jnp.array([[1] * 5 + [2] * 5, [0, 0, 0] + [1] * 7], jnp.int32)
+  positions = jnp.array([list(range(5)) * 2, [0, 0, 0] + list(range(7))], jnp.int32)
+  outputs, caches = [], []
+  for empty in (True, False):
+    cache = KVCache.create(batch, max_length, module.num_kv_heads, HEAD_DIM)
+    assert cache.empty
+    cache = dataclasses.replace(cache, empty=empty)
+    # Eager calls: the spy sees every call (a compiled one could come from jit's cache).
+    y_BTD, cache = module(x_BTD[:, :prompt], segment_ids[:, :prompt], positions[:, :prompt],
+                          cache)
+    assert not cache.empty
+    y_B1D, cache = module(x_BTD[:, prompt:], segment_ids[:, prompt:], positions[:, prompt:],
+                          cache)
+    outputs.append(np.concatenate([y_BTD, y_B1D], axis=1))
+    caches.append(cache)
+  assert over_cache == [(True, 1), (False, prompt), (False, 1)]  # the empty prompt: within x
+  real = np.asarray(segment_ids) > 0
+  np.testing.assert_allclose(outputs[0][real], outputs[1][real], atol=1e-5, rtol=1e-4)
+  for field in ('k_JHS', 'v_JSH', 'segment_ids_BS', 'positions_BS', 'end'):
+    np.testing.assert_allclose(getattr(caches[0], field), getattr(caches[1], field),
+                               atol=1e-6, err_msg=field)
 
 
 def test_mqa_cache_is_num_heads_times_smaller_than_mha():
