@@ -1,10 +1,20 @@
 """Shared fixtures."""
 
+import jax
 import pytest
 
 from gemini_mini import config as config_lib
 
 TEST_CONFIG = 'configs/test.yaml'
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  """Every test's float32 matmuls in full float32. Tests compare against float64/numpy
+  references at float32 tolerances; GPUs multiply float32 in TF32 by default (10-bit
+  mantissa), which alone breaks those tolerances. On CPU this changes nothing."""
+  with jax.default_matmul_precision('highest'):
+    yield
 
 
 @pytest.fixture

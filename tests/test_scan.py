@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -213,14 +214,22 @@ def test_one_train_step_equals_the_unscanned_model(test_config):
     np.testing.assert_allclose(metrics_s[key], metrics[key], rtol=1e-5, err_msg=key)
   for key in ('expert_load_LE', 'dropped_L'):
     np.testing.assert_allclose(metrics_s[key], metrics[key], err_msg=key, **TOLERANCE)
-  updated = dict(nnx.to_flat_state(stack_layers(state.params, model_config)))
-  updated_s = dict(nnx.to_flat_state(state_s.params))
-  assert updated.keys() == updated_s.keys()
-  # Every parameter, the stacked [groups, D] norm scales included (not weight-decayed).
-  assert any(path[0] == 'groups' and path[-1] == 'scale_D' for path in updated)
-  for path in updated:
-    np.testing.assert_allclose(updated_s[path][...], updated[path][...], rtol=1e-5, atol=1e-6,
-                               err_msg=str(path))
+  # Adam's first moment is the clipped gradient (times 1 - b1): compared tightly. The first
+  # step moves each parameter by lr * g / (|g| + eps), ill-conditioned where |g| is near eps
+  # (on a GPU, another summation order moved one such element by 4e-6 at lr 5e-4), so the
+  # parameters are compared to 1% of the learning rate.
+  first_moment, first_moment_s = (optax.tree_utils.tree_get(s.opt_state, 'mu')
+                                  for s in (state, state_s))
+  for tree, tree_s, atol in ((first_moment, first_moment_s, 1e-7),
+                             (state.params, state_s.params, 5e-6)):
+    expected = dict(nnx.to_flat_state(stack_layers(tree, model_config)))
+    actual = dict(nnx.to_flat_state(tree_s))
+    assert expected.keys() == actual.keys()
+    # Every parameter, the stacked [groups, D] norm scales included (not weight-decayed).
+    assert any(path[0] == 'groups' and path[-1] == 'scale_D' for path in expected)
+    for path in expected:
+      np.testing.assert_allclose(actual[path][...], expected[path][...], rtol=1e-5, atol=atol,
+                                 err_msg=str(path))
 
 
 # ---- 8 fake CPU devices, in a fresh process ---------------------------------------------------

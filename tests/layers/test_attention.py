@@ -3,7 +3,6 @@
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,13 +15,6 @@ D_MODEL, NUM_HEADS, HEAD_DIM = 16, 4, 8
 HEADS = {'mqa': 1, 'gqa': 2, 'mha': 4}  # name -> num_kv_heads (num_heads is 4)
 WAVELENGTH = 10_000.0
 PARAMS = ('q_DNH', 'k_DKH', 'v_DKH', 'o_NHD')
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_matmuls():
-  # Accelerators may run float32 matmuls at lower precision by default.
-  with jax.default_matmul_precision('highest'):
-    yield
 
 
 @nnx.jit

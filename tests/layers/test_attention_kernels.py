@@ -21,13 +21,6 @@ HEADS = {'mqa': (4, 1), 'gqa': (4, 2), 'mha': (4, 4)}  # (N query heads, K kv he
 HEAD_DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def _full_float32_matmuls():
-  # Accelerators may run float32 matmuls at lower precision by default.
-  with jax.default_matmul_precision('highest'):
-    yield
-
-
 def allowed(q_segment, k_segment, q_position, k_position, window):
   """The rule, for one query and one key."""
   if q_segment != k_segment or k_position > q_position:
