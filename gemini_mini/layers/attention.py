@@ -41,8 +41,8 @@ class KVCache:
   with its own kernel (the chunked one in O(T * chunk) memory) instead of over all slots.
   """
 
-  k_JHS: jax.Array  # J = B * K (batch major): the layouts ``cached_attention``'s matmuls
-  v_JSH: jax.Array  # read as they are
+  k_JHS: jax.Array  # J = B * K (batch major): the layout ``cached_attention``'s matmuls
+  v_JHS: jax.Array  # read fastest on XLA:CPU
   segment_ids_BS: jax.Array
   positions_BS: jax.Array
   end: jax.Array  # int32 scalar: the next slot to write
@@ -53,14 +53,14 @@ class KVCache:
              dtype=jnp.float32) -> 'KVCache':
     return cls(
         k_JHS=jnp.zeros((batch_size * num_kv_heads, head_dim, max_length), dtype),
-        v_JSH=jnp.zeros((batch_size * num_kv_heads, max_length, head_dim), dtype),
+        v_JHS=jnp.zeros((batch_size * num_kv_heads, head_dim, max_length), dtype),
         segment_ids_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         positions_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         end=jnp.zeros((), jnp.int32), empty=True)
 
   @property
   def nbytes(self) -> int:
-    return self.k_JHS.nbytes + self.v_JSH.nbytes
+    return self.k_JHS.nbytes + self.v_JHS.nbytes
 
   def append(self, k_BTKH, v_BTKH, segment_ids_BT, positions_BT) -> 'KVCache':
     """Writes ``T`` new tokens at slot ``end`` and advances it."""
@@ -70,7 +70,7 @@ class KVCache:
       return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
     return KVCache(
         k_JHS=write(self.k_JHS, einops.rearrange(k_BTKH, 'B T K H -> (B K) H T'), 2),
-        v_JSH=write(self.v_JSH, einops.rearrange(v_BTKH, 'B T K H -> (B K) T H'), 1),
+        v_JHS=write(self.v_JHS, einops.rearrange(v_BTKH, 'B T K H -> (B K) H T'), 2),
         segment_ids_BS=write(self.segment_ids_BS, segment_ids_BT, 1),
         positions_BS=write(self.positions_BS, positions_BT, 1),
         end=self.end + k_BTKH.shape[1])
@@ -135,7 +135,7 @@ class Attention(nnx.Module):
       mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
                                 cache.positions_BS, self.window)
       o_BTKGH = cached_attention(q_BTKGH, cache.k_JHS.astype(self.dtype),
-                                 cache.v_JSH.astype(self.dtype), mask_BTS)
+                                 cache.v_JHS.astype(self.dtype), mask_BTS)
     elif self.kernel == 'chunked':
       o_BTKGH = chunked_attention(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
                                   window=self.window, chunk_size=self.chunk_size)

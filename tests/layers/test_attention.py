@@ -204,7 +204,7 @@ def test_a_prompt_into_an_empty_cache_attends_as_over_the_whole_cache(kernel, wi
   assert over_cache == [(True, 1), (False, prompt), (False, 1)]  # the empty prompt: within x
   real = np.asarray(segment_ids) > 0
   np.testing.assert_allclose(outputs[0][real], outputs[1][real], atol=1e-5, rtol=1e-4)
-  for field in ('k_JHS', 'v_JSH', 'segment_ids_BS', 'positions_BS', 'end'):
+  for field in ('k_JHS', 'v_JHS', 'segment_ids_BS', 'positions_BS', 'end'):
     np.testing.assert_allclose(getattr(caches[0], field), getattr(caches[1], field),
                                atol=1e-6, err_msg=field)
 

@@ -161,8 +161,8 @@ def test_cached_attention_reads_the_cache_layouts(heads):
     expected = reference_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions,
                                    k_positions, window)
     k_JHS = einops.rearrange(k, 'B S K H -> (B K) H S')
-    v_JSH = einops.rearrange(v, 'B S K H -> (B K) S H')
-    np.testing.assert_allclose(cached_attention(q, k_JHS, v_JSH, mask), expected,
+    v_JHS = einops.rearrange(v, 'B S K H -> (B K) H S')
+    np.testing.assert_allclose(cached_attention(q, k_JHS, v_JHS, mask), expected,
                                atol=1e-5, rtol=1e-4)
 
 
