@@ -75,13 +75,20 @@ class StopRequest:
     return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
 
 
+# The held-out batches are drawn with this seed whatever ``train.seed`` is, so that runs
+# of different seeds report their held-out loss on the same rows.
+EVAL_SEED = 0
+
+
 def make_data(config: Config, split: str, repeat_only: bool = False) -> Mixture:
   """This process's share of the ``split`` batches of the configured task mixture, or of
-  the ``repeat`` task alone (the warm start, ``data.repeat_only_steps``)."""
+  the ``repeat`` task alone (the warm start, ``data.repeat_only_steps``). Training rows
+  follow ``train.seed``; the ``eval`` split's follow ``EVAL_SEED``."""
   m, d, t = config.model, config.data, config.train
   weights = {'repeat': 1.0} if repeat_only else d.weights()
+  seed = t.seed if split == 'train' else EVAL_SEED
   return Mixture(d.dir, split, weights, batch_size=t.batch_size, seq_len=t.seq_len,
-                 seed=t.seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
+                 seed=seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
                  patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset,
                  process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -227,7 +234,8 @@ def run(config: Config) -> dict:
 
 
 def evaluate(eval_step, params, config: Config, mesh, weights: LossWeights) -> dict:
-  """Held-out loss over ``train.eval_batches`` batches (the same ones every time)."""
+  """Held-out loss over ``train.eval_batches`` batches (the same ones every time, and for
+  every ``train.seed``)."""
   data = make_data(config, 'eval')
   total = None
   for _ in range(config.train.eval_batches):

@@ -98,6 +98,15 @@ def test_the_warm_start_reads_the_repeat_task_alone(small_data_dir):
   assert make_data(config, 'eval').get_state()['tasks'] == mixture
 
 
+def test_held_out_rows_are_the_same_for_every_training_seed(small_data_dir):
+  load = lambda seed: config_lib.load(ROOT / 'configs/test.yaml', [
+      f'data.dir={small_data_dir}', f'train.seed={seed}'])
+  eval_rows = [next(make_data(load(seed), 'eval')).tokens for seed in (0, 1)]
+  np.testing.assert_array_equal(eval_rows[0], eval_rows[1])
+  train_rows = [next(make_data(load(seed), 'train')).tokens for seed in (0, 1)]
+  assert not np.array_equal(train_rows[0], train_rows[1])
+
+
 def test_the_warm_start_ends_after_its_steps_or_when_the_copy_loss_falls():
   fixed = DataConfig(repeat_only_steps=3)
   assert [warm_start_ends(fixed, step, copy_loss=5.0) for step in (1, 2, 3, 4)] == [
