@@ -194,7 +194,7 @@ def test_dropless_matches_loop_reference(case, implementation, k, shared_expert)
 
 
 @pytest.mark.parametrize('k, shape, invalid', [(1, (2, 1), ((1, 0),)), (2, (1, 1), ())])
-def test_decoding_few_slots_gathers_their_experts(k, shape, invalid):
+def test_decoding_few_slots_reads_only_their_experts(k, shape, invalid):
   # X * k slots with 2 X k <= E (decoding a row or two): each slot with its expert's weights.
   assert MoE(D, F, E, k, dispatch='dropless', rngs=nnx.Rngs(0)).dropless_buffer(
       math.prod(shape)) == 'slots'
