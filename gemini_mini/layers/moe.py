@@ -14,8 +14,8 @@ expert every token uses. Two dispatch implementations behind the one interface:
   tokens (decoding: one per row), the E tiles would be mostly padding; then it runs the
   capacity dispatch with room for every token at every expert (``C = X``), which can drop
   nothing and is smaller. With fewer routed slots than experts (decoding one or two rows),
-  each slot instead multiplies a gathered copy of its own expert's weights, so only the
-  experts in use are read: a decoding step is bound by reading weights.
+  a loop over the slots multiplies each by its own expert's weights where they lie, so only
+  the experts in use are read: a decoding step is bound by reading weights.
   ``dropless_buffer`` picks the layout.
 
 Both dispatches reduce to the same two index maps between token slots and buffer rows,
@@ -158,9 +158,9 @@ class MoE(nnx.Module):
     return y_BTD, aux
 
   def dropless_buffer(self, num_tokens: int) -> str:
-    """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'slots'`` (each of
-    the ``X * k`` slots with a gathered copy of its expert's weights) when that reads fewer
-    weights than all E experts' even counting the copy (``2 X k <= E``), else the smaller of
+    """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'slots'`` (a loop
+    over the ``X * k`` slots, each reading its expert's weights) when the slots need at most
+    half of the E experts' weights (``2 X k <= E``), else the smaller of
     ``'tiles'`` (each expert's slots padded to the grouped matmul's tile: ``X * k + E *
     (tile - 1)`` rows at most) and ``'tokens'`` (``[E, X]``: a row for every token at every
     expert)."""
