@@ -210,13 +210,14 @@ class MoE(nnx.Module):
   def _slot_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
     """Each routed slot through its own expert, one slot at a time: each reads its expert's
     weights in place (gathering them into an ``[X, R, D, F]`` copy took twice as long)."""
-    def one_slot(x_D, expert):
-      weight = lambda p: jax.lax.dynamic_index_in_dim(p[...], expert, keepdims=False).astype(
-          self.dtype)
+    def one_slot(slot):
+      x_D, expert = slot
+      def weight(p):
+        return jax.lax.dynamic_index_in_dim(p[...], expert, keepdims=False).astype(self.dtype)
       hidden_F = gated_activation(x_D @ weight(self.gate_EDF), x_D @ weight(self.up_EDF))
       return hidden_F @ weight(self.down_EFD)
     x_SD = jnp.repeat(x_XD, self.experts_per_token, axis=0)  # S = X * R slots, token major
-    y_SD = jax.lax.map(lambda args: one_slot(*args), (x_SD, experts_XR.reshape(-1)))
+    y_SD = jax.lax.map(one_slot, (x_SD, experts_XR.reshape(-1)))
     y_XRD = y_SD.reshape(*experts_XR.shape, -1)
     weights_XR = weights_XR * valid_X[:, None]
     return jnp.einsum('XRD,XR->XD', y_XRD, weights_XR.astype(y_XRD.dtype))
