@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -73,6 +74,14 @@ def format_bytes(num_bytes: float | None) -> str:
   if num_bytes is None:
     return '-'
   return f'{num_bytes / 2**20:.0f} MiB' if num_bytes < GIB else f'{num_bytes / GIB:.2f} GiB'
+
+
+def peer_python(given: str) -> str | None:
+  """The interpreter ``--hf-python`` names, as a path: a file, or a command on ``PATH``
+  (``python3``); None when neither exists."""
+  if os.path.isfile(given):
+    return given
+  return shutil.which(given)
 
 
 def run_peer_script(name: str, command: list[str], env: dict | None = None,

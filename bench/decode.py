@@ -110,8 +110,8 @@ def measure_gemini_mini(decoder, tokenizer, batch: int, args) -> dict:
   return result
 
 
-def hf_command(m, args) -> list[str]:
-  command = [args.hf_python, PEERS_DIR / 'hf_decode_bench.py', '--hidden', m.d_model,
+def hf_command(python: str, m, args) -> list[str]:
+  command = [python, PEERS_DIR / 'hf_decode_bench.py', '--hidden', m.d_model,
              '--heads', m.num_heads, '--kv-heads', m.num_kv_heads, '--head-dim', m.head_dim,
              '--ffn', m.d_ff, '--layers', m.num_layers, '--experts', m.num_experts,
              '--topk', m.experts_per_token, '--vocab', m.vocab_size, '--prompt', args.prompt,
@@ -132,8 +132,8 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--peer-timeout', type=float, default=None, help='seconds for the peer run')
   parser.add_argument('--hf-python', default=str(HF_VENV_PYTHON),
-                      help='the python that has torch and transformers (on a GPU the peer runs '
-                           'on the GPU too)')
+                      help='the python that has torch and transformers: a path or a command on '
+                           'PATH (on a GPU the peer runs on the GPU too)')
   parser.add_argument('--json', metavar='FILE', help='also write the figures to this JSON file')
   args = parser.parse_args()
   try:
@@ -170,8 +170,9 @@ def main():
   results = {'gemini_mini': {'system': f'gemini_mini infer.generate (jax {jax.__version__})',
                              'batches': ours}}
   if 'hf' in peers:
-    if pathlib.Path(args.hf_python).exists():
-      results['hf'] = common.run_peer_script('hf', hf_command(m, args), cwd=REPO,
+    python = common.peer_python(args.hf_python)
+    if python:
+      results['hf'] = common.run_peer_script('hf', hf_command(python, m, args), cwd=REPO,
                                              timeout=args.peer_timeout)
     else:
       print(f'\n== hf: skipped: {args.hf_python} missing, run bench/peers/setup_hf.sh')

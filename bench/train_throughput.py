@@ -200,10 +200,10 @@ def maxtext_runs(config, args) -> list[dict]:
 
 def hf_run(config, args) -> dict:
   m, t = config.model, config.train
-  python = pathlib.Path(args.hf_python)
-  if not python.exists():
-    print(f'\n== hf: skipped: {python} missing, run {PEER_SETUP["hf"]}')
-    return {'name': 'hf', 'skipped': f'{python} missing, run {PEER_SETUP["hf"]}'}
+  python = common.peer_python(args.hf_python)
+  if not python:
+    print(f'\n== hf: skipped: {args.hf_python} missing, run {PEER_SETUP["hf"]}')
+    return {'name': 'hf', 'skipped': f'{args.hf_python} missing, run {PEER_SETUP["hf"]}'}
   dtype = m.dtype if args.hf_dtype == 'same' else args.hf_dtype
   command = [str(python), str(PEERS_DIR / 'hf_train_bench.py'),
              '--hidden', m.d_model, '--heads', m.num_heads, '--kv-heads', m.num_kv_heads,
@@ -240,8 +240,8 @@ def main():
   parser.add_argument('--hf-dtype', default='same', choices=['same', 'float32', 'bfloat16'],
                       help='transformers compute dtype (bfloat16 = torch.autocast)')
   parser.add_argument('--hf-python', default=str(PEER_VENV['hf'] / 'bin' / 'python'),
-                      help='the python that has torch and transformers (on a GPU the peer runs '
-                           'on the GPU too)')
+                      help='the python that has torch and transformers: a path or a command on '
+                           'PATH (on a GPU the peer runs on the GPU too)')
   parser.add_argument('--peak-size', type=int, default=4096)
   parser.add_argument('--peak-reps', type=int, default=5)
   parser.add_argument('--peer-timeout', type=float, default=None, help='seconds per peer run')
