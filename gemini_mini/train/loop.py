@@ -23,6 +23,7 @@ from gemini_mini import parallel
 from gemini_mini.config import Config, ConfigError, DataConfig
 from gemini_mini.data import prepare
 from gemini_mini.data.mixture import Mixture
+from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
@@ -107,7 +108,7 @@ def warm_start_ends(data: DataConfig, step: int, copy_loss: float) -> bool:
           or step >= 2 * data.repeat_only_steps)
 
 
-def global_data_state(data: Mixture) -> dict:
+def global_data_state(data: Prefetch) -> dict:
   """The iterator state with every process's rows, so any process count can resume it."""
   state = data.get_state()
   if jax.process_count() > 1:
@@ -155,11 +156,12 @@ def run(config: Config) -> dict:
     repeat_only = data_state['tasks'] == ['repeat']
     train_data = make_data(config, 'train', repeat_only)
     train_data.set_state(data_state)
+    train_data = Prefetch(train_data)
     message = f'resuming from step {start}'
   else:
     start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
     repeat_only = config.data.repeat_only_steps > 0
-    train_data = make_data(config, 'train', repeat_only)
+    train_data = Prefetch(make_data(config, 'train', repeat_only))
     message = 'starting'
   if is_chief:
     print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
@@ -211,7 +213,8 @@ def run(config: Config) -> dict:
       copy_loss = float(step_metrics['cross_entropy']) if repeat_only else None
       if repeat_only and warm_start_ends(config.data, step, copy_loss):
         repeat_only = False
-        train_data = make_data(config, 'train')
+        train_data.close()
+        train_data = Prefetch(make_data(config, 'train'))
         if is_chief:
           progress.write(f'step {step}: repeats alone end at copy loss {copy_loss:.3f}; '
                          'the mixture begins')
@@ -225,6 +228,7 @@ def run(config: Config) -> dict:
               file=sys.stderr)
         break
   finally:
+    train_data.close()
     stop.restore()
     progress.close()
     checkpointer.close()
