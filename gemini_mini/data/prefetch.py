@@ -2,10 +2,11 @@
 
 Without it, the training loop builds each batch after the previous step has finished: on
 a GPU the card waits for the host (a batch of 16 text rows of 2,048 tokens takes about 50
-ms on one core; the whole step of the 8-layer model on an H200 took about 160 ms). ``Prefetch`` runs the same iterator, in the
-same order, ``depth`` batches ahead, so the batches are exactly the unwrapped iterator's;
-``get_state`` and ``position_shares`` are those after the last batch handed out, not after
-the ones built ahead, so a checkpoint resumes at the next unread batch.
+ms on one core; the whole step of the 8-layer model on an H200 took about 160 ms).
+``Prefetch`` runs the same iterator, in the same order, ``depth`` batches ahead, so the
+batches are exactly the unwrapped iterator's; ``get_state`` and ``position_shares`` are
+those after the last batch handed out, not after the ones built ahead, so a checkpoint
+resumes at the next unread batch.
 """
 
 import queue

@@ -21,7 +21,7 @@ def test_batches_are_the_unwrapped_iterators(small_data_dir):
 
 
 def test_state_is_after_the_last_batch_handed_out(small_data_dir):
-  uninterrupted, plain = batches(small_data_dir, 8)
+  uninterrupted = batches(small_data_dir, 8)[0]
   _, after_three = batches(small_data_dir, 3)
   _, source = batches(small_data_dir, 0)
   prefetched = Prefetch(source, depth=3)
@@ -38,16 +38,17 @@ def test_state_is_after_the_last_batch_handed_out(small_data_dir):
   assert_same(batches(small_data_dir, 5, state=state)[0], uninterrupted[3:])
 
 
-class Failing:
-  """Two batches, then a failure, like a Mixture meeting a corrupt record."""
+class Counting:
+  """Batches 1, 2, 3, ...; with ``fail_after``, an error after that many, like a Mixture
+  meeting a corrupt record."""
 
-  def __init__(self):
-    self.drawn = 0
+  def __init__(self, fail_after: int | None = None):
+    self.drawn, self.fail_after = 0, fail_after
 
   def __next__(self):
+    if self.drawn == self.fail_after:
+      raise OSError(f'record {self.drawn + 1} is corrupt')
     self.drawn += 1
-    if self.drawn > 2:
-      raise OSError('record 3 is corrupt')
     return self.drawn
 
   def get_state(self):
@@ -58,7 +59,7 @@ class Failing:
 
 
 def test_an_error_is_raised_by_the_next_that_would_return_its_batch():
-  prefetched = Prefetch(Failing(), depth=4)
+  prefetched = Prefetch(Counting(fail_after=2), depth=4)
   assert [next(prefetched), next(prefetched)] == [1, 2]
   assert prefetched.get_state() == {'drawn': 2}
   with pytest.raises(OSError, match='record 3 is corrupt'):
@@ -67,27 +68,10 @@ def test_an_error_is_raised_by_the_next_that_would_return_its_batch():
     next(prefetched)
 
 
-class Endless:
-  """Batches 1, 2, 3, ... for ever."""
-
-  def __init__(self):
-    self.drawn = 0
-
-  def __next__(self):
-    self.drawn += 1
-    return self.drawn
-
-  def get_state(self):
-    return {'drawn': self.drawn}
-
-  def position_shares(self):
-    return {}
-
-
 def test_close_stops_the_thread_while_the_queue_is_full():
-  prefetched = Prefetch(Endless(), depth=1)
+  prefetched = Prefetch(Counting(), depth=1)
   next(prefetched)
   prefetched.close()
   assert not prefetched._thread.is_alive()
   with pytest.raises(ValueError, match='depth must be >= 1'):
-    Prefetch(Endless(), depth=0)
+    Prefetch(Counting(), depth=0)
