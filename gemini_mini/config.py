@@ -188,7 +188,7 @@ class EvalConfig:
   num_needles: int = 10           # multi-needle: needles in one context
   perplexity_tokens: int = 8192   # NLL by position over windows of this many tokens
   perplexity_windows: int = 16    # windows per long document, their NLL averaged by position
-  task_examples: int = 100        # held-out captions / transcripts scored
+  task_examples: int = 100        # captions, transcripts, keywords (of each voice split) scored
   samples: int = 8                # self-consistency: k sampled answers
   consistency_threshold: float = 0.5  # tau: the majority's share needed to beat greedy
   temperature: float = 0.7        # self-consistency sampling temperature

@@ -123,14 +123,20 @@ def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenize
   return audio_haystack_prompt(filler_N, keyword_K, float(rng.random()), tokenizer) + [reply]
 
 
+def keyword_prompt(keyword_K: np.ndarray, tokenizer: Tokenizer) -> examples.Example:
+  """``<bos>`` the keyword utterance alone ``Secret word:``: an audio haystack without filler,
+  about 60 positions (the ``keyword`` task's prompt and the tasks suite's)."""
+  return audio_haystack_prompt(np.zeros(0, np.int16), np.asarray(keyword_K, np.int16), 0.0,
+                               tokenizer)
+
+
 def keyword_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
                     rng: np.random.Generator, room: examples.Room) -> examples.Example:
-  """A keyword utterance alone: an audio haystack without filler, about 60 positions (the
-  ``keyword`` task, the audio haystack's recognition step; docs/retrieval.md)."""
+  """A keyword utterance alone (``keyword_prompt``) and its word: the ``keyword`` task, the
+  audio haystack's recognition step (docs/retrieval.md)."""
   del rng, room
   record = next_record()
-  keyword_K = np.asarray(record['keyword_audio'], np.int16)
-  return (audio_haystack_prompt(np.zeros(0, np.int16), keyword_K, 0.0, tokenizer)
+  return (keyword_prompt(record['keyword_audio'], tokenizer)
           + [examples.answer(record['keyword'], tokenizer)])
 
 

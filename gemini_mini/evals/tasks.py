@@ -19,15 +19,23 @@ longest reference answer plus ``ANSWER_SLACK`` tokens) and scores the text:
   over ``BASELINE_SENTENCES`` of them drawn with ``eval.seed`` (a fluent answer that ignores
   the audio; training transcripts are all distinct, so there is no most common one).
   Eval sentences are never in training, so an exact match is never chance.
+* keywords (``speech``'s keyword utterances, ``The secret word is apple.``, prompted as the
+  ``keyword`` task: the audio haystack's recognition step without filler): exact match of
+  the word, for the ``keywords_eval`` split (known words said by unseen voices: the held-out
+  figure) and for the ``keywords_train`` split (the training voices: tells a model that has
+  not learnt the words from one that has learnt them and does not carry them to new
+  voices), each its first ``eval.task_examples`` utterances; ``chance``, 1 / the distinct
+  words of the split.
 
 Writes ``tasks.json``: figures ``{'caption': {'examples', 'accuracy', 'chance',
 'majority', 'by_source': {SOURCE: the same four and 'majority_caption'}}, 'speech':
 {'examples', 'wer_mean', 'wer_corpus', 'exact_match', 'baselines': {'empty',
-'train_sentence': {'wer_mean', 'wer_corpus'}}}, 'max_new_tokens': {'caption', 'speech'}}``
-and ``items``, one per example (``task``, its id, ``reference``, ``prediction``,
-``correct``; captions add ``source``, speech ``voice`` and ``wer``); and
-``tasks_accuracy.png`` (caption accuracy per source against the baselines; speech WER
-against its baselines).
+'train_sentence': {'wer_mean', 'wer_corpus'}}}, 'keyword': {'unseen_voices',
+'training_voices': {'examples', 'accuracy', 'chance'}}, 'max_new_tokens': {'caption',
+'speech', 'keyword'}}`` and ``items``, one per example (``task``, its id, ``reference``,
+``prediction``, ``correct``; captions add ``source``, speech ``voice`` and ``wer``, keywords
+``voice`` and ``split``); and ``tasks_accuracy.png`` (caption and keyword accuracy against
+their baselines; speech WER against its baselines).
 """
 
 import collections
@@ -37,7 +45,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from gemini_mini.data import image_caption, prepare, speech
+from gemini_mini.data import audio_haystack, image_caption, prepare, speech
 from gemini_mini.data import tasks as tasks_lib
 from gemini_mini.data.examples import as_str
 from gemini_mini.evals import common
@@ -161,18 +169,52 @@ def _speech(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
   return scores, items, max_new_tokens
 
 
+def keyword_scores(predictions: Sequence[str], words: Sequence[str], split_words: Sequence[str]
+                   ) -> dict:
+  """``{'examples', 'accuracy', 'chance'}``: exact match of ``predictions`` against ``words``;
+  ``chance`` is 1 / the distinct words of the whole split (``split_words``)."""
+  return {'examples': len(words),
+          'accuracy': float(np.mean([common.exact_match(p, w)
+                                     for p, w in zip(predictions, words, strict=True)])),
+          'chance': 1 / len({common.normalize(word) for word in split_words})}
+
+
+def _keywords(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
+  data = loaded.config.data
+  built = prepare.ensure_dataset(speech, data.dir, data.subset)
+  scores, items, max_new_tokens = {}, [], 0
+  for name, split_name in (('unseen_voices', 'keywords_eval'),
+                           ('training_voices', 'keywords_train')):
+    split = built.as_data_source(split_name)
+    split_words = [speech.keyword_of(as_str(record['transcript'])) for record in split]
+    chosen = range(min(loaded.config.eval.task_examples, len(split)))
+    records, words = [split[i] for i in chosen], [split_words[i] for i in chosen]
+    prompts = [audio_haystack.keyword_prompt(record['audio'], tokenizer) for record in records]
+    predictions, max_new_tokens = _generate(loaded, prompts, words, tokenizer)
+    scores[name] = keyword_scores(predictions, words, split_words)
+    items += [{'task': 'keyword', 'split': split_name,
+               'sentence_id': as_str(record['sentence_id']), 'voice': as_str(record['voice']),
+               'reference': word, 'prediction': prediction,
+               'correct': common.exact_match(prediction, word)}
+              for record, word, prediction in zip(records, words, predictions)]
+  return scores, items, max_new_tokens
+
+
 def plot(figures: dict, path: pathlib.Path, *, step: int) -> None:
-  """Caption accuracy per source (and all) against chance and majority; speech WER against
-  its baselines."""
-  figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), width_ratios=(2, 1))
-  caption = figures['caption']
-  groups = {**caption['by_source'], 'all': caption}
+  """Caption accuracy per source (and all) and keyword accuracy per voice split, against
+  chance (and majority, captions); speech WER against its baselines."""
+  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4), width_ratios=(5, 2))
+  caption, keyword = figures['caption'], figures['keyword']
+  groups = {**caption['by_source'], 'all': caption,
+            'keywords,\nunseen voices': keyword['unseen_voices'],
+            'keywords,\ntraining voices': keyword['training_voices']}
   x = np.arange(len(groups))
   for offset, key in ((-0.27, 'accuracy'), (0, 'chance'), (0.27, 'majority')):
-    bars = left.bar(x + offset, [scores[key] for scores in groups.values()], 0.27, label=key)
+    bars = left.bar(x + offset, [scores.get(key, np.nan) for scores in groups.values()], 0.27,
+                    label=key)
     left.bar_label(bars, fmt='%.2f', fontsize=7)
   left.set_xticks(x, [f'{name}\n({scores["examples"]})' for name, scores in groups.items()])
-  left.set(ylim=(0, 1.05), ylabel='exact match', title='Captioning (examples)')
+  left.set(ylim=(0, 1.05), ylabel='exact match', title='Captions and spoken keywords (examples)')
   left.legend(fontsize=8)
   spoken = figures['speech']
   wers = {'model': spoken['wer_corpus'], 'empty': spoken['baselines']['empty']['wer_corpus'],
@@ -188,13 +230,16 @@ def plot(figures: dict, path: pathlib.Path, *, step: int) -> None:
 
 
 def run(loaded: Loaded, out_dir) -> dict:
-  """Generates and scores both tasks, writes the JSON and the plot; returns the figures
+  """Generates and scores the three tasks, writes the JSON and the plot; returns the figures
   (see the module docstring)."""
   tokenizer = text_lib.Tokenizer()
   caption, caption_items, caption_tokens = _captions(loaded, tokenizer)
   spoken, speech_items, speech_tokens = _speech(loaded, tokenizer)
-  figures = {'caption': caption, 'speech': spoken,
-             'max_new_tokens': {'caption': caption_tokens, 'speech': speech_tokens}}
-  common.write_result(out_dir, SUITE, loaded, figures, caption_items + speech_items)
+  keyword, keyword_items, keyword_tokens = _keywords(loaded, tokenizer)
+  figures = {'caption': caption, 'speech': spoken, 'keyword': keyword,
+             'max_new_tokens': {'caption': caption_tokens, 'speech': speech_tokens,
+                                'keyword': keyword_tokens}}
+  common.write_result(out_dir, SUITE, loaded, figures,
+                      caption_items + speech_items + keyword_items)
   plot(figures, pathlib.Path(out_dir) / f'{SUITE}_accuracy.png', step=loaded.step)
   return figures

@@ -1,13 +1,13 @@
 """Held-out tasks: caption accuracy per source with its chance and majority baselines, WER and
-its baselines on hand-made predictions, and the suite end to end on the tiny checkpoint with
-the training tasks' prompts."""
+its baselines, keyword accuracy and its chance on hand-made predictions, and the suite end to
+end on the tiny checkpoint with the training tasks' prompts."""
 
 import json
 
 import numpy as np
 import pytest
 
-from gemini_mini.data import image_caption, speech
+from gemini_mini.data import audio_haystack, image_caption, speech
 from gemini_mini.data import tasks as tasks_lib
 from gemini_mini.evals import common, tasks
 from gemini_mini.infer.load import load
@@ -65,6 +65,15 @@ def test_speech_baselines():
       'wer_mean': ((0 + 3 / 2) / 2 + (1 + 1 / 2) / 2) / 2, 'wer_corpus': (3 / 5 + 4 / 5) / 2})
 
 
+def test_keyword_scores_exact_word_with_chance_over_the_split():
+  split_words = ['apple', 'river', 'apple', 'Stone', 'stone']  # 3 distinct after normalize
+  scores = tasks.keyword_scores(['Apple.', 'rivers', 'stone'], ['apple', 'river', 'stone'],
+                                split_words)
+  assert scores == pytest.approx({'examples': 3, 'accuracy': 2 / 3, 'chance': 1 / 3})
+  with pytest.raises(ValueError):
+    tasks.keyword_scores(['apple'], ['apple', 'river'], split_words)
+
+
 def test_suite_scores_the_training_prompts_and_writes_items_and_plot(tiny_run_dir, tmp_path,
                                                                      monkeypatch):
   loaded = load(tiny_run_dir, ['eval.task_examples=4', 'eval.batch_size=4'])
@@ -84,11 +93,15 @@ def test_suite_scores_the_training_prompts_and_writes_items_and_plot(tiny_run_di
   tokenizer, data = Tokenizer(), loaded.config.data
   splits = {name: module.builder(data.dir, data.subset).as_data_source('eval')
             for name, module in (('caption', image_caption), ('speech', speech))}
+  voices = speech.builder(data.dir, data.subset)
+  keywords = [voices.as_data_source(split) for split in ('keywords_eval', 'keywords_train')]
   expected = ([tasks_lib.caption_prompt(splits['caption'][i]['image'], tokenizer)
                for i in range(4)]
               + [tasks_lib.speech_prompt(splits['speech'][i]['audio'], tokenizer)
-                 for i in range(4)])
-  assert len(prompts) == len(expected) == 8
+                 for i in range(4)]
+              + [audio_haystack.keyword_prompt(split[i]['audio'], tokenizer)
+                 for split in keywords for i in range(4)])
+  assert len(prompts) == len(expected) == 16
   for prompt, want in zip(prompts, expected):
     got, want = interleave.flatten(prompt, tokenizer), interleave.flatten(want, tokenizer)
     np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -96,17 +109,25 @@ def test_suite_scores_the_training_prompts_and_writes_items_and_plot(tiny_run_di
     np.testing.assert_array_equal(got.audio, want.audio)
 
   items = record['items']
-  assert [item['task'] for item in items] == ['caption'] * 4 + ['speech'] * 4
+  assert [item['task'] for item in items] == ['caption'] * 4 + ['speech'] * 4 + ['keyword'] * 8
   assert [item['reference'] for item in items] == (
       [splits['caption'][i]['caption'].decode() for i in range(4)]
-      + [splits['speech'][i]['transcript'].decode() for i in range(4)])
+      + [splits['speech'][i]['transcript'].decode() for i in range(4)]
+      + [speech.keyword_of(split[i]['transcript'].decode()) for split in keywords
+         for i in range(4)])
+  assert [item['split'] for item in items[8:]] == ['keywords_eval'] * 4 + ['keywords_train'] * 4
   caption, spoken = figures['caption'], figures['speech']
   assert set(caption) == {'examples', 'accuracy', 'chance', 'majority', 'by_source'}
   assert caption['examples'] == spoken['examples'] == 4
   assert caption['accuracy'] == np.mean([item['correct'] for item in items[:4]])
   assert set(caption['by_source']) == {item['source'] for item in items[:4]}
   assert set(spoken) == {'examples', 'wer_mean', 'wer_corpus', 'exact_match', 'baselines'}
-  assert spoken['wer_mean'] == pytest.approx(np.mean([item['wer'] for item in items[4:]]))
+  assert spoken['wer_mean'] == pytest.approx(np.mean([item['wer'] for item in items[4:8]]))
   assert spoken['baselines']['empty'] == {'wer_mean': 1.0, 'wer_corpus': 1.0}
-  longest = max(len(tasks_lib.answer(item['reference'], tokenizer).data) for item in items[4:])
+  longest = max(len(tasks_lib.answer(item['reference'], tokenizer).data) for item in items[4:8])
   assert figures['max_new_tokens']['speech'] == longest + tasks.ANSWER_SLACK
+  for name, chosen in (('unseen_voices', items[8:12]), ('training_voices', items[12:])):
+    scores = figures['keyword'][name]
+    assert scores['examples'] == 4
+    assert scores['accuracy'] == np.mean([item['correct'] for item in chosen])
+    assert 0 < scores['chance'] <= 1
