@@ -18,7 +18,7 @@ seeded by the sentence's hash: the same audio on every build, whatever the threa
 
 Keyword splits, for the audio needle in a haystack (``audio_haystack``): ``keywords_train``
 and ``keywords_eval`` hold ``KEYWORD_TEXT`` (``The secret word is apple.``) for every word
-of ``video_clips.WORDS``, each said by ``KEYWORD_VOICES`` voices of the ``train`` (4) or
+of ``video_clips.WORDS``, each said by ``KEYWORD_VOICES`` voices of the ``train`` (16) or
 ``eval`` (2) voice split, picked with the speed and pitch by an RNG seeded by the word. The
 words are shared, the voices disjoint: eval hears known words said by unseen voices. Each
 split keeps its ``num_examples`` utterances with the smallest selection hash (``small``'s
@@ -26,8 +26,8 @@ are the first of ``full``'s); ``keyword_of(transcript)`` gives an utterance's wo
 
 Configs: ``small`` (32 train + 16 eval examples, 2.6 minutes of audio, plus 24 + 12
 keyword utterances; 7 MB, built in about 4 s) and ``full`` (3000 + 300, 2.8 hours of audio,
-plus 636 + 318 keyword utterances, 29 minutes; 347 MB; about 100 CPU seconds, 90 s on 2
-shared cores, ~1 GB peak memory, mostly TFDS's split writer).
+plus 2,544 + 318 keyword utterances, 87 minutes; 437 MB; about 110 s on 2 cores, ~1 GB peak
+memory, mostly TFDS's split writer).
 
 Features: ``audio`` int16 PCM samples at 16 kHz, mono, shape ``[N]``; ``transcript``;
 ``voice`` (``'en-gb-scotland+f2'``, an espeak-ng ``-v`` argument); ``speed``, ``pitch``
@@ -65,7 +65,9 @@ SAMPLE_RATE = audio_lib.SAMPLE_RATE
 SPLITS = ('train', 'eval')                         # sentences; also the voice splits
 KEYWORD_SPLITS = ('keywords_train', 'keywords_eval')  # keyword utterances of those voices
 KEYWORD_TEXT = 'The secret word is {word}.'
-KEYWORD_VOICES = {'keywords_train': 4, 'keywords_eval': 2}  # voices that say each word
+# Voices that say each word. With 4 training voices a keyword-only run learns every training
+# utterance (100%) and 18% of unseen voices' (docs/retrieval.md): the voices are the limit.
+KEYWORD_VOICES = {'keywords_train': 16, 'keywords_eval': 2}
 NUM_EXAMPLES = {
     'small': {'train': 32, 'eval': 16, 'keywords_train': 24, 'keywords_eval': 12},
     'full': {'train': 3000, 'eval': 300, **{  # every word, by each of its voices
@@ -242,12 +244,13 @@ class SpeechTranscripts(tfds.core.GeneratorBasedBuilder):
   """Synthetic speech of real sentences; see the module docstring for splits and features."""
 
   name = NAME
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Fortune sentences read by espeak-ng, voice-disjoint eval.',
-                   '1.1.0': 'Keyword utterances (keywords_train, keywords_eval).'}
+                   '1.1.0': 'Keyword utterances (keywords_train, keywords_eval).',
+                   '1.2.0': '16 training voices per keyword (was 4).'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='full', description='3000 train + 300 eval examples, '
-                              '636 + 318 keyword utterances'),
+                              '2544 + 318 keyword utterances'),
       tfds.core.BuilderConfig(name='small', description='32 train + 16 eval, 24 + 12 keyword '
                               'utterances, for tests/CI'),
   ]
