@@ -182,21 +182,28 @@ def keyword_scores(predictions: Sequence[str], words: Sequence[str], split_words
 def _keywords(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
   data = loaded.config.data
   built = prepare.ensure_dataset(speech, data.dir, data.subset)
-  scores, items, max_new_tokens = {}, [], 0
-  for name, split_name in (('unseen_voices', 'keywords_eval'),
-                           ('training_voices', 'keywords_train')):
+  splits = {'unseen_voices': 'keywords_eval', 'training_voices': 'keywords_train'}
+  split_words, chosen = {}, {}  # name -> every word of the split; name -> (record, word)s
+  for name, split_name in splits.items():
     split = built.as_data_source(split_name)
-    split_words = [speech.keyword_of(as_str(record['transcript'])) for record in split]
-    chosen = range(min(loaded.config.eval.task_examples, len(split)))
-    records, words = [split[i] for i in chosen], [split_words[i] for i in chosen]
-    prompts = [audio_haystack.keyword_prompt(record['audio'], tokenizer) for record in records]
-    predictions, max_new_tokens = _generate(loaded, prompts, words, tokenizer)
-    scores[name] = keyword_scores(predictions, words, split_words)
+    split_words[name] = [speech.keyword_of(as_str(record['transcript'])) for record in split]
+    chosen[name] = [(split[i], split_words[name][i])
+                    for i in range(min(loaded.config.eval.task_examples, len(split)))]
+  pairs = [pair for name in splits for pair in chosen[name]]
+  predictions, max_new_tokens = _generate(
+      loaded, [audio_haystack.keyword_prompt(record['audio'], tokenizer) for record, _ in pairs],
+      [word for _, word in pairs], tokenizer)
+  scores, items, start = {}, [], 0
+  for name, split_name in splits.items():
+    words = [word for _, word in chosen[name]]
+    answers = predictions[start:start + len(words)]
+    start += len(words)
+    scores[name] = keyword_scores(answers, words, split_words[name])
     items += [{'task': 'keyword', 'split': split_name,
                'sentence_id': as_str(record['sentence_id']), 'voice': as_str(record['voice']),
                'reference': word, 'prediction': prediction,
                'correct': common.exact_match(prediction, word)}
-              for record, word, prediction in zip(records, words, predictions)]
+              for (record, word), prediction in zip(chosen[name], answers)]
   return scores, items, max_new_tokens
 
 

@@ -126,6 +126,8 @@ def test_suite_scores_the_training_prompts_and_writes_items_and_plot(tiny_run_di
   assert spoken['baselines']['empty'] == {'wer_mean': 1.0, 'wer_corpus': 1.0}
   longest = max(len(tasks_lib.answer(item['reference'], tokenizer).data) for item in items[4:8])
   assert figures['max_new_tokens']['speech'] == longest + tasks.ANSWER_SLACK
+  longest = max(len(tasks_lib.answer(item['reference'], tokenizer).data) for item in items[8:])
+  assert figures['max_new_tokens']['keyword'] == longest + tasks.ANSWER_SLACK  # both splits'
   for name, chosen in (('unseen_voices', items[8:12]), ('training_voices', items[12:])):
     scores = figures['keyword'][name]
     assert scores['examples'] == 4
