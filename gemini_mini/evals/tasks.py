@@ -183,27 +183,26 @@ def _keywords(loaded: Loaded, tokenizer) -> tuple[dict, list, int]:
   data = loaded.config.data
   built = prepare.ensure_dataset(speech, data.dir, data.subset)
   splits = {'unseen_voices': 'keywords_eval', 'training_voices': 'keywords_train'}
-  split_words, chosen = {}, {}  # name -> every word of the split; name -> (record, word)s
+  split_words, records, words = {}, {}, {}  # per name: all words of the split; the scored ones
   for name, split_name in splits.items():
     split = built.as_data_source(split_name)
     split_words[name] = [speech.keyword_of(as_str(record['transcript'])) for record in split]
-    chosen[name] = [(split[i], split_words[name][i])
-                    for i in range(min(loaded.config.eval.task_examples, len(split)))]
-  pairs = [pair for name in splits for pair in chosen[name]]
-  predictions, max_new_tokens = _generate(
-      loaded, [audio_haystack.keyword_prompt(record['audio'], tokenizer) for record, _ in pairs],
-      [word for _, word in pairs], tokenizer)
-  scores, items, start = {}, [], 0
+    count = min(loaded.config.eval.task_examples, len(split))
+    records[name], words[name] = [split[i] for i in range(count)], split_words[name][:count]
+  predictions, max_new_tokens = _generate(  # both splits in one pass, with one token budget
+      loaded, [audio_haystack.keyword_prompt(record['audio'], tokenizer)
+               for name in splits for record in records[name]],
+      [word for name in splits for word in words[name]], tokenizer)
+  answers = iter(predictions)
+  scores, items = {}, []
   for name, split_name in splits.items():
-    words = [word for _, word in chosen[name]]
-    answers = predictions[start:start + len(words)]
-    start += len(words)
-    scores[name] = keyword_scores(answers, words, split_words[name])
+    got = [next(answers) for _ in words[name]]
+    scores[name] = keyword_scores(got, words[name], split_words[name])
     items += [{'task': 'keyword', 'split': split_name,
                'sentence_id': as_str(record['sentence_id']), 'voice': as_str(record['voice']),
                'reference': word, 'prediction': prediction,
                'correct': common.exact_match(prediction, word)}
-              for (record, word), prediction in zip(chosen[name], answers)]
+              for record, word, prediction in zip(records[name], words[name], got)]
   return scores, items, max_new_tokens
 
 
