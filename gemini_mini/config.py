@@ -46,7 +46,9 @@ class ModelConfig:
   attention_kernel: Literal['dense', 'chunked'] = 'chunked'
   attention_chunk: int = 256     # block size of the chunked kernel
   attention_window: int = 0      # local attention window in positions; 0 = global
-  rope_max_wavelength: float = 10_000.0
+  # RoPE's longest wavelength; 500,000 covers max_length at head_dim 64
+  # (layers.similar_token_reach, docs/retrieval.md)
+  rope_max_wavelength: float = 500_000.0
   patch_dim: int = 192           # flattened image patch (8 x 8 x 3)
   audio_dim: int = 320           # stacked log-mel frames (4 x 80)
   dtype: Literal['float32', 'bfloat16'] = 'float32'  # compute dtype; parameters stay float32

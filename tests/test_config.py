@@ -6,6 +6,7 @@ import pytest
 
 from gemini_mini import config as config_lib
 from gemini_mini.config import ConfigError
+from gemini_mini.layers import similar_token_reach
 
 PRESETS = sorted(pathlib.Path('configs').glob('*.yaml'))
 
@@ -18,6 +19,16 @@ def test_presets_exist():
 def test_every_preset_loads_and_round_trips(path):
   config = config_lib.load(path)
   assert config_lib.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize('path', PRESETS, ids=lambda p: p.stem)
+def test_every_preset_finds_keys_by_content_over_its_whole_length(path):
+  # Men et al. 2024: past this reach RoPE favours a random key over one like the query.
+  model = config_lib.load(path).model
+  reach = similar_token_reach(model.head_dim, model.rope_max_wavelength, model.max_length)
+  assert reach == model.max_length, (
+      f'{path}: model.rope_max_wavelength={model.rope_max_wavelength} reaches {reach} of '
+      f'model.max_length={model.max_length} positions')
 
 
 def test_overrides_use_the_command_line_syntax():

@@ -23,7 +23,7 @@ maps them onto mesh axes. Layers never see a config object or a mesh.
 
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.norm import RMSNorm
-from gemini_mini.layers.rope import apply_rope
+from gemini_mini.layers.rope import apply_rope, similar_token_reach
 from gemini_mini.layers.attention import Attention, KVCache
 from gemini_mini.layers.mlp import GatedMLP
 from gemini_mini.layers.moe import MoE
@@ -31,5 +31,5 @@ from gemini_mini.layers.embed import FeatureEmbed, TokenEmbed
 
 __all__ = [
     'Attention', 'FeatureEmbed', 'GatedMLP', 'KVCache', 'MoE', 'RMSNorm', 'TokenEmbed',
-    'apply_rope', 'fan_in_init', 'flatten_tokens', 'param',
+    'apply_rope', 'fan_in_init', 'flatten_tokens', 'param', 'similar_token_reach',
 ]

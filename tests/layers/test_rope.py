@@ -1,4 +1,5 @@
-"""Tests for ``apply_rope`` against an explicit per-pair rotation written as a loop."""
+"""Tests for ``apply_rope`` against an explicit per-pair rotation written as a loop, and for
+``similar_token_reach`` against hand-computed margins and ``apply_rope``'s own scores."""
 
 import math
 
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemini_mini.layers import apply_rope
+from gemini_mini.layers import apply_rope, similar_token_reach
 
 WAVELENGTH = 10_000.0
 
@@ -106,3 +107,23 @@ def test_keeps_bfloat16_dtype():
 def test_odd_head_dim_raises():
   with pytest.raises(ValueError, match='even head dim, got 7'):
     apply_rope(jnp.ones((1, 2, 1, 7)), jnp.zeros((1, 2), jnp.int32), WAVELENGTH)
+
+
+def test_similar_token_reach_by_hand():
+  # H = 2: the margin is cos(m), first negative at m = 2 (cos 1 = 0.54, cos 2 = -0.42).
+  assert similar_token_reach(2, WAVELENGTH, 100) == 2
+  assert similar_token_reach(2, WAVELENGTH, 2) == 2   # [1, 2) holds no negative margin
+  # H = 4, wavelength 100: cos(m) + cos(0.1 m) is 1.53, 0.56, -0.035 at m = 1, 2, 3.
+  assert similar_token_reach(4, 100.0, 100) == 3
+
+
+@pytest.mark.parametrize('head_dim, max_wavelength', [(16, 10_000.0), (64, 10_000.0),
+                                                      (64, 500_000.0)])
+def test_similar_token_reach_matches_rope_scores(head_dim, max_wavelength):
+  # An all-ones query at position m against an all-ones key at 0 scores 2 * the margin.
+  limit = 12_000
+  ones_BTNH = jnp.ones((1, limit, 1, head_dim), jnp.float32)
+  rotated_T = np.asarray(apply_rope(ones_BTNH, jnp.arange(limit)[None], max_wavelength))[0, :, 0]
+  scores_T = rotated_T.astype(np.float64) @ np.ones(head_dim)
+  first_negative = 1 + int(np.flatnonzero(scores_T[1:] < 0)[0]) if (scores_T[1:] < 0).any() else limit
+  assert similar_token_reach(head_dim, max_wavelength, limit) == first_negative
