@@ -39,7 +39,7 @@ def similar_token_reach(head_dim: int, max_wavelength: float, limit: int) -> int
   For a query ``q`` with i.i.d. entries and a key ``q + noise`` at distance ``m``, the expected
   score margin over a random key is ``2 var(q) * sum_i cos(m * theta_i)``, ``theta_i =
   max_wavelength ** (-2i / H)`` (Men et al. 2024, "Base of RoPE bounds context length"). Where
-  the sum is negative, attention cannot find a needle by matching its content. It is not
+  the sum is negative, matching content no longer finds the needle on average. It is not
   monotone in ``max_wavelength`` (a sum of cosines dips below zero here and there); with
   ``head_dim`` 64 the reach is 725 at 10,000 and 9,937 at 500,000 (docs/retrieval.md).
   """
