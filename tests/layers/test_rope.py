@@ -125,5 +125,6 @@ def test_similar_token_reach_matches_rope_scores(head_dim, max_wavelength):
   ones_BTNH = jnp.ones((1, limit, 1, head_dim), jnp.float32)
   rotated_T = np.asarray(apply_rope(ones_BTNH, jnp.arange(limit)[None], max_wavelength))[0, :, 0]
   scores_T = rotated_T.astype(np.float64) @ np.ones(head_dim)
-  first_negative = 1 + int(np.flatnonzero(scores_T[1:] < 0)[0]) if (scores_T[1:] < 0).any() else limit
+  negative = np.flatnonzero(scores_T[1:] < 0) + 1   # distances m >= 1 with a negative score
+  first_negative = int(negative[0]) if negative.size else limit
   assert similar_token_reach(head_dim, max_wavelength, limit) == first_negative
