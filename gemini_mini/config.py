@@ -9,6 +9,7 @@ names are the canonical names used in code, logs and docs.
 import dataclasses
 import difflib
 import pathlib
+import types
 import typing
 from typing import Literal
 
@@ -161,7 +162,8 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 200          # held-out loss every N steps; 0 = never
   eval_batches: int = 4
-  peak_flops_per_device: float = 1.9e11  # for MFU; ~190 GFLOP/s float32 on this 2-core CPU
+  # For MFU; unset, the device's (train/metrics.device_peak_flops: GPU/TPU bfloat16 datasheet).
+  peak_flops_per_device: float | None = None
 
   def __post_init__(self):
     for name in ('steps', 'batch_size', 'seq_len', 'checkpoint_every', 'grad_accum_steps',
@@ -170,8 +172,11 @@ class TrainConfig:
     for name in ('warmup_steps', 'weight_decay', 'load_balance_weight', 'router_z_weight',
                  'logit_z_weight', 'eval_every'):
       _require(getattr(self, name) >= 0, f'train.{name}', f'must be >= 0, got {getattr(self, name)}')
-    for name in ('learning_rate', 'grad_clip', 'peak_flops_per_device'):
+    for name in ('learning_rate', 'grad_clip'):
       _require(getattr(self, name) > 0, f'train.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(self.peak_flops_per_device is None or self.peak_flops_per_device > 0,
+             'train.peak_flops_per_device',
+             f'must be positive, or null for the device\'s own, got {self.peak_flops_per_device}')
     _require(self.batch_size % self.grad_accum_steps == 0, 'train.grad_accum_steps',
              f'{self.grad_accum_steps} does not divide train.batch_size ({self.batch_size})')
     _require(bool(self.run_dir), 'train.run_dir', 'must name a directory')
@@ -269,6 +274,9 @@ def _coerce(key: str, value, annotation):
              f'expected a list like [1, 2], got {type(value).__name__} {value!r}')
     element = typing.get_args(annotation)[0]
     return tuple(_coerce(f'{key}[{i}]', item, element) for i, item in enumerate(value))
+  if isinstance(annotation, types.UnionType):  # float | None: null, or the other type
+    (other,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return None if value is None else _coerce(key, value, other)
   if typing.get_origin(annotation) is Literal:
     choices = typing.get_args(annotation)
     _require(value in choices, key, f'{value!r} is not one of {list(choices)}')

@@ -214,22 +214,32 @@ def test_one_train_step_equals_the_unscanned_model(test_config):
     np.testing.assert_allclose(metrics_s[key], metrics[key], rtol=1e-5, err_msg=key)
   for key in ('expert_load_LE', 'dropped_L'):
     np.testing.assert_allclose(metrics_s[key], metrics[key], err_msg=key, **TOLERANCE)
-  # Adam's first moment is the clipped gradient (times 1 - b1): compared tightly. The first
-  # step moves each parameter by lr * g / (|g| + eps), ill-conditioned where |g| is near eps
-  # (on a GPU, another summation order moved one such element by 4e-6 at lr 5e-4), so the
-  # parameters are compared to 1% of the learning rate.
+  # Adam's first moment is the clipped gradient g times 1 - b1 = 0.1: compared tightly. The
+  # first step moves a parameter by lr * g / (|g| + eps), ill-conditioned where |g| is near
+  # eps = 1e-8 (on an H200, another summation order moved one such element of 8,192 by 8e-6
+  # at lr 5e-4). So parameters whose gradient exceeds 100 eps are compared tightly, and the
+  # rest only to within one step (lr).
   first_moment, first_moment_s = (optax.tree_utils.tree_get(s.opt_state, 'mu')
                                   for s in (state, state_s))
-  for tree, tree_s, atol in ((first_moment, first_moment_s, 1e-7),
-                             (state.params, state_s.params, 5e-6)):
-    expected = dict(nnx.to_flat_state(stack_layers(tree, model_config)))
-    actual = dict(nnx.to_flat_state(tree_s))
-    assert expected.keys() == actual.keys()
-    # Every parameter, the stacked [groups, D] norm scales included (not weight-decayed).
-    assert any(path[0] == 'groups' and path[-1] == 'scale_D' for path in expected)
-    for path in expected:
-      np.testing.assert_allclose(actual[path][...], expected[path][...], rtol=1e-5, atol=atol,
-                                 err_msg=str(path))
+  expected_mu, actual_mu, expected_params, actual_params = (
+      dict(nnx.to_flat_state(tree)) for tree in (
+          stack_layers(first_moment, model_config), first_moment_s,
+          stack_layers(state.params, model_config), state_s.params))
+  assert expected_params.keys() == actual_params.keys() == expected_mu.keys() == actual_mu.keys()
+  # Every parameter, the stacked [groups, D] norm scales included (not weight-decayed).
+  assert any(path[0] == 'groups' and path[-1] == 'scale_D' for path in expected_params)
+  learning_rate = float(learning_rate_schedule(1e-3, 10, 2)(0))
+  well_conditioned = []
+  for path in expected_params:
+    mu, params, params_s = (np.asarray(tree[path][...]) for tree in
+                            (expected_mu, expected_params, actual_params))
+    np.testing.assert_allclose(actual_mu[path][...], mu, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    steep = np.abs(mu) > 0.1 * 100 * 1e-8
+    np.testing.assert_allclose(params_s[steep], params[steep], rtol=1e-5, atol=1e-7,
+                               err_msg=str(path))
+    np.testing.assert_allclose(params_s, params, atol=learning_rate, err_msg=str(path))
+    well_conditioned.append(steep.mean())
+  assert np.mean(well_conditioned) > 0.9  # the tight comparison covers most parameters
 
 
 # ---- 8 fake CPU devices, in a fresh process ---------------------------------------------------

@@ -171,7 +171,11 @@ def run(config: Config) -> dict:
                                     make_eval_step(graphdef, weights), shardings, mesh)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start) if is_chief else None
   flops_per_step = metrics_lib.train_flops_per_token(config.model, t.seq_len) * t.batch_size * t.seq_len
-  peak_flops = t.peak_flops_per_device * jax.device_count()
+  peak_per_device = t.peak_flops_per_device or metrics_lib.device_peak_flops(jax.devices()[0])
+  if peak_per_device is None and is_chief:
+    print(f'gemini_mini: MFU not logged: the peak FLOP/s of {jax.devices()[0].device_kind!r} '
+          'is unknown; set train.peak_flops_per_device', flush=True)
+  peak_flops = (peak_per_device or float('nan')) * jax.device_count()
   stop = StopRequest()
   progress = tqdm(total=t.steps, initial=start, disable=not is_chief, dynamic_ncols=True)
   last = {}

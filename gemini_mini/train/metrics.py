@@ -11,6 +11,11 @@ router and the output head; the embedding lookup is not a matmul. The second is 
 attention scores and their weighted sum, counted over the full (not causally halved) context,
 as the dense kernel computes it. Image/audio encoders are left out (a small share of tokens).
 
+The peak is ``train.peak_flops_per_device`` where set, else ``device_peak_flops``: the
+datasheet's dense bfloat16 peak of known GPUs and TPUs, and on a CPU the float32 matmul rate
+that ``bench/`` measured on the 2-core machine this project is developed on (another CPU
+should set its own).
+
 ``read_metrics(run_dir)`` reads ``metrics.jsonl`` back as one array per scalar, for plots.
 """
 
@@ -38,6 +43,26 @@ def matmul_params_per_token(m: ModelConfig) -> int:
 
 def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params_per_token(m) + 12.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
+
+
+# Dense bfloat16 FLOP/s by the start of ``jax.Device.device_kind``; first match wins, so a
+# variant comes before its family.
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100', 989e12), ('NVIDIA H200', 989e12),
+    ('NVIDIA GH200', 989e12), ('NVIDIA A100', 312e12), ('NVIDIA L4', 121e12),
+    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12), ('TPU v6 lite', 918e12),
+)
+CPU_PEAK_FLOPS = 1.9e11  # XLA's float32 matmul on the 2-core development machine (bench/)
+
+
+def device_peak_flops(device) -> float | None:
+  """Peak FLOP/s of one ``jax.Device``, or None for an accelerator not in the table."""
+  if device.platform == 'cpu':
+    return CPU_PEAK_FLOPS
+  for kind, peak in PEAK_FLOPS_BY_DEVICE_KIND:
+    if device.device_kind.startswith(kind):
+      return peak
+  return None
 
 
 def scalars(metrics: dict) -> dict[str, float]:

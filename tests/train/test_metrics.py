@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gemini_mini import config as config_lib
-from gemini_mini.train.metrics import MetricsWriter, read_metrics, scalars, train_flops_per_token
+from gemini_mini.train.metrics import (MetricsWriter, device_peak_flops, read_metrics, scalars,
+                                       train_flops_per_token)
 
 
 def test_flops_per_token_of_the_peer_shape():
@@ -23,6 +24,32 @@ def test_dense_layers_count_one_ffn():
   per_layer = attention + 3 * m.d_model * m.d_ff
   expected = 6 * (m.num_layers * per_layer + m.d_model * m.vocab_size)
   assert train_flops_per_token(m, 1) == expected + 12 * m.num_layers * m.num_heads * m.head_dim
+
+
+class FakeDevice:
+  def __init__(self, platform, device_kind):
+    self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize('platform, kind, peak', [
+    ('cpu', 'cpu', 1.9e11),
+    ('gpu', 'NVIDIA H100 80GB HBM3', 989e12),
+    ('gpu', 'NVIDIA H100 PCIe', 756e12),  # before the H100 family's entry
+    ('gpu', 'NVIDIA H200', 989e12),
+    ('gpu', 'NVIDIA A100-SXM4-80GB', 312e12),
+    ('tpu', 'TPU v5 lite', 197e12),  # v5e, before v5p's 'TPU v5'
+    ('tpu', 'TPU v5', 459e12),
+    ('gpu', 'NVIDIA GeForce RTX 4090', None),  # not in the table: no MFU rather than a wrong one
+])
+def test_device_peak_flops(platform, kind, peak):
+  assert device_peak_flops(FakeDevice(platform, kind)) == peak
+
+
+def test_peak_flops_per_device_is_optional_and_positive():
+  assert config_lib.load(None).train.peak_flops_per_device is None
+  assert config_lib.load(None, ['train.peak_flops_per_device=989e12']).train.peak_flops_per_device == 989e12
+  with pytest.raises(config_lib.ConfigError, match='train.peak_flops_per_device'):
+    config_lib.load(None, ['train.peak_flops_per_device=0'])
 
 
 def test_scalars_flatten_router_statistics():
