@@ -8,7 +8,8 @@ path's core op. Two implementations, chosen by platform:
   7.8x a dense MLP of the same useful FLOPs at E = 8 (``bench/moe.py``), so GPU presets use
   the ``capacity`` dispatch (docs/benchmarks.md).
 * ``tiled``: for CPU. Rows are laid out so that every group size is a multiple of
-  ``tile_size``; a loop takes one tile at a time and multiplies it by its group's matrix.
+  ``tile_size``; a loop takes one tile at a time and multiplies it by its group's matrix,
+  up to the last tile in use (the rows may be a loose static bound).
   The backward pass is written by hand so the weight gradient accumulates in place, one tile
   at a time, instead of materialising a full ``[E, I, O]`` zero-padded update per tile.
 
@@ -43,45 +44,43 @@ def grouped_matmul(x_MI: jax.Array, w_EIO: jax.Array, group_sizes_E: jax.Array,
   tile_starts = jnp.arange(num_tiles) * tile
   tile_group_n = jnp.minimum(jnp.searchsorted(group_ends_E, tile_starts, side='right'),
                              w_EIO.shape[0] - 1).astype(jnp.int32)
-  tile_used_n = tile_starts < group_ends_E[-1]
+  num_used = jnp.sum(tile_starts < group_ends_E[-1])  # the used tiles come first
   x_nmI = x_MI.reshape(num_tiles, tile, x_MI.shape[1])
-  y_nmO = _tiled_matmul(x_nmI, w_EIO, tile_group_n, tile_used_n)
+  y_nmO = _tiled_matmul(x_nmI, w_EIO, tile_group_n, num_used)
   return y_nmO.reshape(num_rows, w_EIO.shape[2])
 
 
-def _tile_loop(fn, out_shape, dtype, *operands):
-  """``out[n] = fn(n, *operands_n)`` for used tiles, zeros for unused ones."""
-  def one_tile(args):
-    used, *rest = args
-    return jax.lax.cond(used, lambda: fn(*rest), lambda: jnp.zeros(out_shape, dtype))
-  return jax.lax.map(one_tile, operands)
+def _tile_loop(fn, out_shape, dtype, num_used, *operands_n):
+  """``out[n] = fn(*operands_n[n])`` for the first ``num_used`` tiles, zeros after. The loop
+  stops at the last used tile: a static bound on the rows can leave most tiles unused."""
+  def one_tile(n, out):
+    return out.at[n].set(fn(*(operand[n] for operand in operands_n)))
+  num_tiles = operands_n[0].shape[0]
+  return jax.lax.fori_loop(0, num_used, one_tile, jnp.zeros((num_tiles, *out_shape), dtype))
 
 
 @jax.custom_vjp
-def _tiled_matmul(x_nmI, w_EIO, tile_group_n, tile_used_n):
+def _tiled_matmul(x_nmI, w_EIO, tile_group_n, num_used):
   out_shape, dtype = (x_nmI.shape[1], w_EIO.shape[2]), x_nmI.dtype
   return _tile_loop(lambda x_mI, g: x_mI @ w_EIO[g], out_shape, dtype,
-                    tile_used_n, x_nmI, tile_group_n)
+                    num_used, x_nmI, tile_group_n)
 
 
-def _tiled_matmul_fwd(x_nmI, w_EIO, tile_group_n, tile_used_n):
-  return _tiled_matmul(x_nmI, w_EIO, tile_group_n, tile_used_n), (x_nmI, w_EIO, tile_group_n,
-                                                                  tile_used_n)
+def _tiled_matmul_fwd(x_nmI, w_EIO, tile_group_n, num_used):
+  return _tiled_matmul(x_nmI, w_EIO, tile_group_n, num_used), (x_nmI, w_EIO, tile_group_n,
+                                                               num_used)
 
 
 def _tiled_matmul_bwd(residuals, dy_nmO):
-  x_nmI, w_EIO, tile_group_n, tile_used_n = residuals
+  x_nmI, w_EIO, tile_group_n, num_used = residuals
   dx_nmI = _tile_loop(lambda dy_mO, g: dy_mO @ w_EIO[g].T, x_nmI.shape[1:], x_nmI.dtype,
-                      tile_used_n, dy_nmO, tile_group_n)
+                      num_used, dy_nmO, tile_group_n)
 
-  def accumulate(n, dw_EIO):
-    def add_tile(dw_EIO):  # in place: the loop carry is updated at one group's slice
-      update_IO = jnp.einsum('mI,mO->IO', x_nmI[n], dy_nmO[n],
-                             preferred_element_type=jnp.float32)
-      return dw_EIO.at[tile_group_n[n]].add(update_IO)
-    return jax.lax.cond(tile_used_n[n], add_tile, lambda dw_EIO: dw_EIO, dw_EIO)
+  def accumulate(n, dw_EIO):  # in place: the loop carry is updated at one group's slice
+    update_IO = jnp.einsum('mI,mO->IO', x_nmI[n], dy_nmO[n], preferred_element_type=jnp.float32)
+    return dw_EIO.at[tile_group_n[n]].add(update_IO)
 
-  dw_EIO = jax.lax.fori_loop(0, x_nmI.shape[0], accumulate, jnp.zeros(w_EIO.shape, jnp.float32))
+  dw_EIO = jax.lax.fori_loop(0, num_used, accumulate, jnp.zeros(w_EIO.shape, jnp.float32))
   return dx_nmI, dw_EIO.astype(w_EIO.dtype), None, None
 
 

@@ -9,8 +9,10 @@ expert every token uses. Two dispatch implementations behind the one interface:
   priority), in token order; overflow slots are dropped (their weight contributes nothing)
   and counted in ``aux['dropped']``. Expert compute is one batched einsum over ``[E, C]``.
 * ``dropless``: every routed slot is computed. Slots are placed in expert order (a counting
-  sort), each expert's block padded to the grouped matmul's tile, and multiplied with
-  ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a tiled loop on CPU). With few
+  sort): each expert's first ``X k / E`` (the even share) in an ``[E, C, D]`` buffer computed
+  with one einsum, the rest in an overflow buffer, each expert's block padded to the grouped
+  matmul's tile and multiplied with ``grouped_matmul`` (``jax.lax.ragged_dot`` on GPU/TPU, a
+  tiled loop on CPU). With few
   tokens (decoding: one per row), the E tiles would be mostly padding; then it runs the
   capacity dispatch with room for every token at every expert (``C = X``), which can drop
   nothing and is smaller. With fewer routed slots than experts (decoding one or two rows),
@@ -162,9 +164,9 @@ class MoE(nnx.Module):
     """How dropless dispatch lays out ``num_tokens`` tokens' slots: ``'slots'`` (a loop
     over the ``X * k`` slots, each reading its expert's weights) when the slots need at most
     half of the E experts' weights (``2 X k <= E``), else the smaller of
-    ``'tiles'`` (each expert's slots padded to the grouped matmul's tile: ``X * k + E *
-    (tile - 1)`` rows at most) and ``'tokens'`` (``[E, X]``: a row for every token at every
-    expert)."""
+    ``'tiles'`` (the even share and tiles of overflow, ``_dropless_dispatch``: at most ``X *
+    k + E * (tile - 1)`` rows computed) and ``'tokens'`` (``[E, X]``: a row for every token
+    at every expert)."""
     if 2 * num_tokens * self.experts_per_token <= self.num_experts:
       return 'slots'
     tile = gmm.TILE_SIZE[gmm.default_implementation()]
@@ -202,21 +204,40 @@ class MoE(nnx.Module):
     return self._combine(y_rows, row_of_slot_XR, slot_of_row, weights_XR), kept_XR
 
   def _dropless_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
-    """All tokens of the batch at once (nothing is dropped, so grouping cannot matter)."""
+    """All tokens of the batch at once (nothing is dropped, so grouping cannot matter).
+
+    Each expert's first ``C = X k / E`` slots (the even share) go to an ``[E, C, D]`` buffer
+    computed with one einsum, like the capacity dispatch; the slots past them go to an
+    overflow buffer, each expert's padded to the grouped matmul's tile, computed with
+    ``grouped_matmul``. Small matmuls are slow on CPU, so this is faster than tiling every
+    slot (``bench/moe.py``), and it drops nothing."""
     implementation = gmm.default_implementation()
     tile = gmm.TILE_SIZE[implementation]
     num_experts, num_slots = self.num_experts, experts_XR.size
     rank_XR, count_E = position_in_expert(experts_XR, valid_X, num_experts)
-    padded_count_E = -(-count_E // tile) * tile
-    padded_start_E = jnp.cumsum(padded_count_E) - padded_count_E
-    num_rows = -(-(num_slots + num_experts * (tile - 1)) // tile) * tile  # static upper bound
-    row_of_slot_XR = jnp.where(valid_X[:, None], padded_start_E[experts_XR] + rank_XR, num_rows)
+    capacity = num_slots // num_experts
+    shared_rows = num_experts * capacity
+    overflow_E = -(-jnp.maximum(count_E - capacity, 0) // tile) * tile
+    overflow_start_E = shared_rows + jnp.cumsum(overflow_E) - overflow_E
+    # Static bound: the overflow totals at most num_slots - capacity, plus each expert's padding.
+    overflow_rows = -(-(num_slots - capacity + num_experts * (tile - 1)) // tile) * tile
+    num_rows = shared_rows + overflow_rows
+    row_of_slot_XR = jnp.where(
+        valid_X[:, None],
+        jnp.where(rank_XR < capacity, experts_XR * capacity + rank_XR,
+                  overflow_start_E[experts_XR] + rank_XR - capacity),
+        num_rows)
     slot_of_row = _index_maps(row_of_slot_XR, num_rows)
     x_MD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR)
     gate_EDF, up_EDF, down_EFD = self._expert_weights()
-    matmul = lambda x, w: gmm.grouped_matmul(x, w, padded_count_E, implementation)
-    hidden_MF = gated_activation(matmul(x_MD, gate_EDF), matmul(x_MD, up_EDF))
-    y_MD = matmul(hidden_MF, down_EFD)
+    x_ECD = x_MD[:shared_rows].reshape(num_experts, capacity, -1)
+    hidden_ECF = gated_activation(jnp.einsum('ECD,EDF->ECF', x_ECD, gate_EDF),
+                                  jnp.einsum('ECD,EDF->ECF', x_ECD, up_EDF))
+    y_ECD = jnp.einsum('ECF,EFD->ECD', hidden_ECF, down_EFD)
+    matmul = lambda x, w: gmm.grouped_matmul(x, w, overflow_E, implementation)
+    x_OD = x_MD[shared_rows:]
+    y_OD = matmul(gated_activation(matmul(x_OD, gate_EDF), matmul(x_OD, up_EDF)), down_EFD)
+    y_MD = jnp.concatenate([y_ECD.reshape(shared_rows, -1), y_OD])
     return self._combine(y_MD, row_of_slot_XR, slot_of_row, weights_XR)
 
   def _slot_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
