@@ -176,10 +176,10 @@ class MoE(nnx.Module):
   def _expert_weights(self):
     return tuple(p[...].astype(self.dtype) for p in (self.gate_EDF, self.up_EDF, self.down_EFD))
 
-  def _experts_on_buffer(self, x_ECD):
+  @staticmethod
+  def _experts_on_buffer(x_ECD, gate_EDF, up_EDF, down_EFD):
     """Each expert's gated MLP on its own ``C`` rows: ``[E, C, D] -> [E, C, D]``, one einsum
     for all experts per matrix."""
-    gate_EDF, up_EDF, down_EFD = self._expert_weights()
     hidden_ECF = gated_activation(jnp.einsum('ECD,EDF->ECF', x_ECD, gate_EDF),
                                   jnp.einsum('ECD,EDF->ECF', x_ECD, up_EDF))
     return jnp.einsum('ECF,EFD->ECD', hidden_ECF, down_EFD)
@@ -204,7 +204,8 @@ class MoE(nnx.Module):
     slot_of_row = _index_maps(row_of_slot_XR, num_experts * num_slots)
     x_ECD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR).reshape(
         num_experts, num_slots, -1)
-    y_rows = self._experts_on_buffer(x_ECD).reshape(num_experts * num_slots, -1)
+    y_ECD = self._experts_on_buffer(x_ECD, *self._expert_weights())
+    y_rows = y_ECD.reshape(num_experts * num_slots, -1)
     return self._combine(y_rows, row_of_slot_XR, slot_of_row, weights_XR), kept_XR
 
   def _dropless_dispatch(self, x_XD, experts_XR, weights_XR, valid_X):
@@ -233,8 +234,9 @@ class MoE(nnx.Module):
         num_rows)
     slot_of_row = _index_maps(row_of_slot_XR, num_rows)
     x_MD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR)
-    y_ECD = self._experts_on_buffer(x_MD[:shared_rows].reshape(num_experts, capacity, -1))
     gate_EDF, up_EDF, down_EFD = self._expert_weights()
+    y_ECD = self._experts_on_buffer(x_MD[:shared_rows].reshape(num_experts, capacity, -1),
+                                    gate_EDF, up_EDF, down_EFD)
     matmul = lambda x, w: gmm.grouped_matmul(x, w, overflow_E, implementation)
     x_OD = x_MD[shared_rows:]
     y_OD = matmul(gated_activation(matmul(x_OD, gate_EDF), matmul(x_OD, up_EDF)), down_EFD)
