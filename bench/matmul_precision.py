@@ -4,13 +4,14 @@
 training step runs them, timed for three precisions:
 
   float32   float32 inputs and results (the nano preset)
-  bfloat16  bfloat16 inputs and results: what ``model.dtype=bfloat16`` runs now
+  bfloat16  bfloat16 inputs and results: what ``model.dtype=bfloat16`` ran before
+            ``layers.matmul.weight_einsum``, and still runs on GPU and TPU
   mixed     bfloat16 inputs, float32 accumulation (``preferred_element_type``), results cast
-            to bfloat16; the backward's two matmuls likewise (a ``custom_vjp``)
+            to bfloat16; the backward's two matmuls likewise (a ``custom_vjp``): what
+            ``weight_einsum`` runs on CPU in bfloat16
 
-The last is the question this script answers: whether a CPU with bfloat16 matrix units
-(AMX) would train faster if the model's matmuls accumulated in float32, as XLA:CPU's fast
-bfloat16 kernels need. Shapes (``X`` = 8 x 512 tokens of the shared shape): the output layer,
+It asks whether a CPU with bfloat16 matrix units (AMX) trains faster when the matmuls
+ask for float32 results, as XLA:CPU's fast bfloat16 kernels need. Shapes (``X`` = 8 x 512 tokens of the shared shape): the output layer,
 the expert MLP's up and down projections over all tokens, and one 128-row grouped-matmul
 tile.
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from gemini_mini.layers.attention_kernels import (
     KERNELS, attention_mask, cached_attention, chunked_attention, dense_attention)
+from gemini_mini.layers.matmul import weight_einsum
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 from gemini_mini.layers.rope import apply_rope
 
@@ -117,12 +118,12 @@ class Attention(nnx.Module):
       cache: KVCache | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     batch, length, _ = x_BTD.shape
-    x_XD = flatten_tokens(x_BTD).astype(self.dtype)
-    weight = lambda p: p[...].astype(self.dtype)
+    x_XD = flatten_tokens(x_BTD)
+    project = lambda spec, x, p: weight_einsum(spec, x, p[...], self.dtype)
     tokens = lambda y_X__: y_X__.reshape(batch, length, *y_X__.shape[1:])
-    q_BTNH = tokens(jnp.einsum('XD,DNH->XNH', x_XD, weight(self.q_DNH)))
-    k_BTKH = tokens(jnp.einsum('XD,DKH->XKH', x_XD, weight(self.k_DKH)))
-    v_BTKH = tokens(jnp.einsum('XD,DKH->XKH', x_XD, weight(self.v_DKH)))
+    q_BTNH = tokens(project('XD,DNH->XNH', x_XD, self.q_DNH))
+    k_BTKH = tokens(project('XD,DKH->XKH', x_XD, self.k_DKH))
+    v_BTKH = tokens(project('XD,DKH->XKH', x_XD, self.v_DKH))
     q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_max_wavelength)
     k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_max_wavelength)
     q_BTNH = q_BTNH * q_BTNH.shape[-1] ** -0.5
@@ -145,4 +146,4 @@ class Attention(nnx.Module):
       o_BTKGH = dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTS)
 
     o_XNH = einops.rearrange(o_BTKGH, 'B T K G H -> (B T) (K G) H')
-    return tokens(jnp.einsum('XNH,NHD->XD', o_XNH, weight(self.o_NHD))), cache
+    return tokens(project('XNH,NHD->XD', o_XNH, self.o_NHD)), cache

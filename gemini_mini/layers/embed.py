@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemini_mini.layers.matmul import weight_einsum
 from gemini_mini.layers.mlp import GatedMLP
 from gemini_mini.layers.norm import RMSNorm
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
@@ -39,15 +40,14 @@ class TokenEmbed(nnx.Module):
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """``x_BTD`` -> ``logits_BTV`` float32."""
-    x_XD = flatten_tokens(x_BTD).astype(self.dtype)
+    x_XD = flatten_tokens(x_BTD)
     if self.tied:
       scale = self.embedding_VD.shape[1] ** -0.5
-      logits_XV = jnp.einsum('XD,VD->XV', x_XD * scale,
-                             self.embedding_VD[...].astype(self.dtype),
-                             preferred_element_type=jnp.float32)
+      logits_XV = weight_einsum('XD,VD->XV', x_XD * scale, self.embedding_VD[...], self.dtype,
+                                out_dtype=jnp.float32)
     else:
-      logits_XV = jnp.einsum('XD,DV->XV', x_XD, self.unembedding_DV[...].astype(self.dtype),
-                             preferred_element_type=jnp.float32)
+      logits_XV = weight_einsum('XD,DV->XV', x_XD, self.unembedding_DV[...], self.dtype,
+                                out_dtype=jnp.float32)
     return logits_XV.reshape(*x_BTD.shape[:-1], -1)
 
 
@@ -67,7 +67,6 @@ class FeatureEmbed(nnx.Module):
     self.norm = RMSNorm(d_model, rngs=rngs)
 
   def __call__(self, x_BPI: jax.Array) -> jax.Array:
-    h_XD = jnp.einsum('XI,ID->XD', flatten_tokens(x_BPI).astype(self.dtype),
-                      self.proj_ID[...].astype(self.dtype))
+    h_XD = weight_einsum('XI,ID->XD', flatten_tokens(x_BPI), self.proj_ID[...], self.dtype)
     h_BPD = h_XD.reshape(*x_BPI.shape[:-1], -1)
     return self.norm(h_BPD + self.mlp(h_BPD))

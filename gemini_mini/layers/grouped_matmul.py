@@ -13,7 +13,9 @@ path's core op. Two implementations, chosen by platform:
   The backward pass is written by hand so the weight gradient accumulates in place, one tile
   at a time, instead of materialising a full ``[E, I, O]`` zero-padded update per tile.
 
-Rows after the last group (``sum(group_sizes) <= M``) give zeros in both.
+Rows after the last group (``sum(group_sizes) <= M``) give zeros in both. Both compute in
+``x``'s dtype (``w`` is cast to it), the tiled one accumulating in float32 as
+``layers.matmul.weight_einsum`` does, with the weight gradient in ``w``'s dtype.
 """
 
 import jax
@@ -32,7 +34,7 @@ def grouped_matmul(x_MI: jax.Array, w_EIO: jax.Array, group_sizes_E: jax.Array,
                    implementation: str) -> jax.Array:
   """``y_MO``; for 'tiled', M and every group size must be multiples of ``TILE_SIZE['tiled']``."""
   if implementation == 'ragged_dot':
-    return jax.lax.ragged_dot(x_MI, w_EIO, group_sizes_E.astype(jnp.int32))
+    return jax.lax.ragged_dot(x_MI, w_EIO.astype(x_MI.dtype), group_sizes_E.astype(jnp.int32))
   if implementation != 'tiled':
     raise ValueError(f'unknown grouped matmul {implementation!r}; choose one of {IMPLEMENTATIONS}')
   tile = TILE_SIZE['tiled']
@@ -59,10 +61,16 @@ def _tile_loop(fn, out_shape, dtype, num_used, *operands_n):
   return jax.lax.fori_loop(0, num_used, one_tile, jnp.zeros((num_tiles, *out_shape), dtype))
 
 
+def _matmul(a_mI, b_IO):
+  """``a @ b`` in ``a``'s dtype with float32 accumulation."""
+  return jnp.matmul(a_mI, b_IO.astype(a_mI.dtype),
+                    preferred_element_type=jnp.float32).astype(a_mI.dtype)
+
+
 @jax.custom_vjp
 def _tiled_matmul(x_nmI, w_EIO, tile_group_n, num_used):
   out_shape, dtype = (x_nmI.shape[1], w_EIO.shape[2]), x_nmI.dtype
-  return _tile_loop(lambda x_mI, g: x_mI @ w_EIO[g], out_shape, dtype,
+  return _tile_loop(lambda x_mI, g: _matmul(x_mI, w_EIO[g]), out_shape, dtype,
                     num_used, x_nmI, tile_group_n)
 
 
@@ -73,7 +81,8 @@ def _tiled_matmul_fwd(x_nmI, w_EIO, tile_group_n, num_used):
 
 def _tiled_matmul_bwd(residuals, dy_nmO):
   x_nmI, w_EIO, tile_group_n, num_used = residuals
-  dx_nmI = _tile_loop(lambda dy_mO, g: dy_mO @ w_EIO[g].T, x_nmI.shape[1:], x_nmI.dtype,
+  dy_nmO = dy_nmO.astype(x_nmI.dtype)
+  dx_nmI = _tile_loop(lambda dy_mO, g: _matmul(dy_mO, w_EIO[g].T), x_nmI.shape[1:], x_nmI.dtype,
                       num_used, dy_nmO, tile_group_n)
 
   def accumulate(n, dw_EIO):  # in place: the loop carry is updated at one group's slice

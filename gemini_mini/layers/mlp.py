@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemini_mini.layers.matmul import weight_einsum
 from gemini_mini.layers.param import fan_in_init, flatten_tokens, param
 
 
@@ -15,8 +16,8 @@ def gated_activation(gate_F: jax.Array, up_F: jax.Array) -> jax.Array:
 class GatedMLP(nnx.Module):
   """``y = (gelu(x W_gate) * (x W_up)) W_down``.
 
-  Shapes: ``x_BTD -> y_BTD`` (any leading axes); matmuls run in ``dtype`` (parameters stay
-  float32).
+  Shapes: ``x_BTD -> y_BTD`` (any leading axes); matmuls run in ``dtype`` with float32
+  accumulation (``weight_einsum``; parameters stay float32).
   """
 
   def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -26,9 +27,9 @@ class GatedMLP(nnx.Module):
     self.down_FD = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ('mlp', 'embed'))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x_XD = flatten_tokens(x_BTD).astype(self.dtype)
-    gate_XF = jnp.einsum('XD,DF->XF', x_XD, self.gate_DF[...].astype(self.dtype))
-    up_XF = jnp.einsum('XD,DF->XF', x_XD, self.up_DF[...].astype(self.dtype))
+    x_XD = flatten_tokens(x_BTD)
+    gate_XF = weight_einsum('XD,DF->XF', x_XD, self.gate_DF[...], self.dtype)
+    up_XF = weight_einsum('XD,DF->XF', x_XD, self.up_DF[...], self.dtype)
     hidden_XF = gated_activation(gate_XF, up_XF)
-    y_XD = jnp.einsum('XF,FD->XD', hidden_XF, self.down_FD[...].astype(self.dtype))
+    y_XD = weight_einsum('XF,FD->XD', hidden_XF, self.down_FD[...], self.dtype)
     return y_XD.reshape(*x_BTD.shape[:-1], -1)

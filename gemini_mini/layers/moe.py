@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemini_mini.layers import grouped_matmul as gmm
+from gemini_mini.layers.matmul import weight_einsum
 from gemini_mini.layers.mlp import GatedMLP, gated_activation
 from gemini_mini.layers.param import fan_in_init, param
 from gemini_mini.layers.routing import (
@@ -173,16 +174,13 @@ class MoE(nnx.Module):
     tiled_rows = num_tokens * self.experts_per_token + self.num_experts * (tile - 1)
     return 'tokens' if self.num_experts * num_tokens <= tiled_rows else 'tiles'
 
-  def _expert_weights(self):
-    return tuple(p[...].astype(self.dtype) for p in (self.gate_EDF, self.up_EDF, self.down_EFD))
-
-  @staticmethod
-  def _experts_on_buffer(x_ECD, gate_EDF, up_EDF, down_EFD):
+  def _experts_on_buffer(self, x_ECD):
     """Each expert's gated MLP on its own ``C`` rows: ``[E, C, D] -> [E, C, D]``, one einsum
     for all experts per matrix."""
-    hidden_ECF = gated_activation(jnp.einsum('ECD,EDF->ECF', x_ECD, gate_EDF),
-                                  jnp.einsum('ECD,EDF->ECF', x_ECD, up_EDF))
-    return jnp.einsum('ECF,EFD->ECD', hidden_ECF, down_EFD)
+    matmul = lambda spec, x, p: weight_einsum(spec, x, p[...], self.dtype)
+    hidden_ECF = gated_activation(matmul('ECD,EDF->ECF', x_ECD, self.gate_EDF),
+                                  matmul('ECD,EDF->ECF', x_ECD, self.up_EDF))
+    return matmul('ECF,EFD->ECD', hidden_ECF, self.down_EFD)
 
   def _capacity_dispatch(self, x_XD, experts_XR, weights_XR, valid_X, *, capacity: int,
                          num_sequences: int):
@@ -204,7 +202,7 @@ class MoE(nnx.Module):
     slot_of_row = _index_maps(row_of_slot_XR, num_experts * num_slots)
     x_ECD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR).reshape(
         num_experts, num_slots, -1)
-    y_ECD = self._experts_on_buffer(x_ECD, *self._expert_weights())
+    y_ECD = self._experts_on_buffer(x_ECD)
     y_rows = y_ECD.reshape(num_experts * num_slots, -1)
     return self._combine(y_rows, row_of_slot_XR, slot_of_row, weights_XR), kept_XR
 
@@ -234,12 +232,11 @@ class MoE(nnx.Module):
         num_rows)
     slot_of_row = _index_maps(row_of_slot_XR, num_rows)
     x_MD = take_rows(x_XD, slot_of_row // self.experts_per_token, row_of_slot_XR)
-    gate_EDF, up_EDF, down_EFD = self._expert_weights()
-    y_ECD = self._experts_on_buffer(x_MD[:shared_rows].reshape(num_experts, capacity, -1),
-                                    gate_EDF, up_EDF, down_EFD)
-    matmul = lambda x, w: gmm.grouped_matmul(x, w, overflow_E, implementation)
+    y_ECD = self._experts_on_buffer(x_MD[:shared_rows].reshape(num_experts, capacity, -1))
+    matmul = lambda x, p: gmm.grouped_matmul(x, p[...], overflow_E, implementation)
     x_OD = x_MD[shared_rows:]
-    y_OD = matmul(gated_activation(matmul(x_OD, gate_EDF), matmul(x_OD, up_EDF)), down_EFD)
+    y_OD = matmul(gated_activation(matmul(x_OD, self.gate_EDF), matmul(x_OD, self.up_EDF)),
+                  self.down_EFD)
     y_MD = jnp.concatenate([y_ECD.reshape(shared_rows, -1), y_OD])
     return self._combine(y_MD, row_of_slot_XR, slot_of_row, weights_XR)
 
@@ -248,10 +245,11 @@ class MoE(nnx.Module):
     weights in place (gathering them into an ``[X, R, D, F]`` copy took twice as long)."""
     def one_slot(slot):
       x_D, expert = slot
-      def weight(p):
-        return jax.lax.dynamic_index_in_dim(p[...], expert, keepdims=False).astype(self.dtype)
-      hidden_F = gated_activation(x_D @ weight(self.gate_EDF), x_D @ weight(self.up_EDF))
-      return hidden_F @ weight(self.down_EFD)
+      def matmul(x_I, p):
+        w_IO = jax.lax.dynamic_index_in_dim(p[...], expert, keepdims=False)
+        return weight_einsum('I,IO->O', x_I, w_IO, self.dtype)
+      hidden_F = gated_activation(matmul(x_D, self.gate_EDF), matmul(x_D, self.up_EDF))
+      return matmul(hidden_F, self.down_EFD)
     x_SD = jnp.repeat(x_XD, self.experts_per_token, axis=0)  # S = X * R slots, token major
     y_SD = jax.lax.map(one_slot, (x_SD, experts_XR.reshape(-1)))
     y_XRD = y_SD.reshape(*experts_XR.shape, -1)

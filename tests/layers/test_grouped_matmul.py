@@ -99,21 +99,28 @@ def test_ragged_dot_arbitrary_groups_match_loop_reference(group_sizes, num_rows)
   _check('ragged_dot', group_sizes, num_rows)
 
 
-def test_bfloat16_inputs_keep_dtype():
+def test_bfloat16_activations_float32_weights():
+  """As the MoE layer calls it: bfloat16 rows, the float32 parameter. The output and the rows'
+  gradient are bfloat16, the weight gradient float32; the tiled kernel accumulates in
+  float32, so its weight gradient is the float64 one of the same bfloat16 operands."""
   x_MI, w_EIO, _ = _inputs(2 * TILE, 2)
-  x_MI, w_EIO = x_MI.astype(jnp.bfloat16), w_EIO.astype(jnp.bfloat16)
+  x_MI = x_MI.astype(jnp.bfloat16)
+  w_EIO = w_EIO.astype(jnp.bfloat16).astype(jnp.float32)
+  dy_MO = jnp.ones((2 * TILE, w_EIO.shape[2]), jnp.float32)
   sizes_E = jnp.asarray([TILE, 0], jnp.int32)
   for implementation in gmm.IMPLEMENTATIONS:
-    loss = lambda x, w: gmm.grouped_matmul(x, w, sizes_E, implementation).astype(
-        jnp.float32).sum()
+    loss = lambda x, w: jnp.sum(gmm.grouped_matmul(x, w, sizes_E, implementation) * dy_MO)
     y_MO = gmm.grouped_matmul(x_MI, w_EIO, sizes_E, implementation)
     dx_MI, dw_EIO = jax.grad(loss, argnums=(0, 1))(x_MI, w_EIO)
-    assert y_MO.dtype == dx_MI.dtype == dw_EIO.dtype == jnp.bfloat16
-    # bfloat16 has an 8-bit mantissa: compare at bfloat16 precision.
+    assert y_MO.dtype == dx_MI.dtype == jnp.bfloat16 and dw_EIO.dtype == jnp.float32
+    x64, w64 = np.asarray(x_MI.astype(jnp.float32), np.float64), np.asarray(w_EIO, np.float64)
+    # bfloat16 has an 8-bit mantissa: compare the bfloat16 results at its precision.
     np.testing.assert_allclose(np.asarray(y_MO, np.float32),
-                               _loop_reference(x_MI.astype(jnp.float32),
-                                               w_EIO.astype(jnp.float32), [TILE, 0]),
-                               atol=5e-2, rtol=2e-2)
+                               _loop_reference(x64, w64, [TILE, 0]), atol=5e-2, rtol=2e-2)
+    dw_expected = np.zeros(w64.shape)
+    dw_expected[0] = x64[:TILE].T @ np.ones((TILE, w64.shape[2]))
+    tolerance = 1e-5 if implementation == 'tiled' else 5e-2
+    np.testing.assert_allclose(dw_EIO, dw_expected, rtol=tolerance, atol=tolerance)
 
 
 def test_bad_arguments_raise():
