@@ -11,7 +11,11 @@ training step runs them, timed for three precisions:
             ``weight_einsum`` runs on CPU in bfloat16
 
 It asks whether a CPU with bfloat16 matrix units (AMX) trains faster when the matmuls
-ask for float32 results, as XLA:CPU's fast bfloat16 kernels need. Shapes (``X`` = 8 x 512 tokens of the shared shape): the output layer,
+ask for float32 results, as XLA:CPU's fast bfloat16 kernels need.
+
+A second table times one matmul alone, bfloat16 in / float32 out against float32, in each
+operand layout (``MK,KN``: the forward; ``MK,NK``: an input gradient ``dy w^T``;
+``KM,KN``: a weight gradient ``x^T dy``), since XLA:CPU picks its kernel by layout. Shapes (``X`` = 8 x 512 tokens of the shared shape): the output layer,
 the expert MLP's up and down projections over all tokens, and one 128-row grouped-matmul
 tile.
 
@@ -76,6 +80,38 @@ def forward_backward(matmul, dtype):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
+LAYOUTS = {'MK,KN': ('MK,KN->MN', 'MK', 'KN'), 'MK,NK': ('MK,NK->MN', 'MK', 'NK'),
+           'KM,KN': ('KM,KN->MN', 'KM', 'KN')}
+LAYOUT_SHAPES = {  # name: (M, K, N)
+    'logits 4096x256x8192': (4096, 256, 8192),
+    'logits input grad 4096x8192x256': (4096, 8192, 256),
+    'expert up 4096x256x512': (4096, 256, 512),
+    'expert up weight grad 256x4096x512': (256, 4096, 512),
+}
+
+
+def layout_table(args, rng) -> dict:
+  """GFLOP/s of one matmul by operand layout: float32, and bfloat16 in / float32 out."""
+  rows, figures = [], {}
+  for name, (M, K, N) in LAYOUT_SHAPES.items():
+    size = dict(M=M, K=K, N=N)
+    cells = {}
+    for layout, (spec, a_axes, b_axes) in LAYOUTS.items():
+      for dtype in (jnp.float32, jnp.bfloat16):
+        a, b = (jnp.asarray(rng.normal(size=[size[i] for i in axes]), dtype)
+                for axes in (a_axes, b_axes))
+        matmul = jax.jit(lambda a, b, spec=spec: jnp.einsum(
+            spec, a, b, preferred_element_type=jnp.float32))
+        seconds = common.time_fn(matmul, a, b, warmup=args.warmup, repeats=args.repeats)['min_s']
+        cells[f'{layout} {jnp.dtype(dtype).name}'] = 2 * M * K * N / seconds / 1e9
+    figures[name] = cells
+    rows.append([name] + [f'{gflops:.0f}' for gflops in cells.values()])
+  print('\none matmul by operand layout: GFLOP/s, best of', args.repeats,
+        '(bfloat16 = bfloat16 in, float32 out)')
+  common.print_table(['shape (M x K x N)', *next(iter(figures.values()))], rows)
+  return figures
+
+
 def main():
   parser = common.add_common_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
   args = parser.parse_args()
@@ -94,6 +130,7 @@ def main():
                 + [f'{timed["float32"] / timed[p]:.2f}' for p in ('bfloat16', 'mixed')])
   print('\nforward + backward of one matmul: ms (GFLOP/s), best of', args.repeats)
   common.print_table(['shape', *PRECISIONS, 'bfloat16 speedup', 'mixed speedup'], rows)
+  figures['layouts'] = layout_table(args, rng)
   common.write_json(args.json, figures)
 
 
