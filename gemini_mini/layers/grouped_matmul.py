@@ -14,12 +14,14 @@ path's core op. Two implementations, chosen by platform:
   at a time, instead of materialising a full ``[E, I, O]`` zero-padded update per tile.
 
 Rows after the last group (``sum(group_sizes) <= M``) give zeros in both. Both compute in
-``x``'s dtype (``w`` is cast to it), the tiled one accumulating in float32 as
-``layers.matmul.weight_einsum`` does, with the weight gradient in ``w``'s dtype.
+``x``'s dtype (``w`` is cast to it), the tiled one through ``layers.matmul.weight_einsum``
+(float32 accumulation), with the weight gradient in ``w``'s dtype.
 """
 
 import jax
 import jax.numpy as jnp
+
+from gemini_mini.layers.matmul import weight_einsum
 
 IMPLEMENTATIONS = ('ragged_dot', 'tiled')
 # Rows per tile: big enough for an efficient CPU matmul, small enough to waste little padding.
@@ -61,17 +63,11 @@ def _tile_loop(fn, out_shape, dtype, num_used, *operands_n):
   return jax.lax.fori_loop(0, num_used, one_tile, jnp.zeros((num_tiles, *out_shape), dtype))
 
 
-def _matmul(a_mI, b_IO):
-  """``a @ b`` in ``a``'s dtype with float32 accumulation."""
-  return jnp.matmul(a_mI, b_IO.astype(a_mI.dtype),
-                    preferred_element_type=jnp.float32).astype(a_mI.dtype)
-
-
 @jax.custom_vjp
 def _tiled_matmul(x_nmI, w_EIO, tile_group_n, num_used):
   out_shape, dtype = (x_nmI.shape[1], w_EIO.shape[2]), x_nmI.dtype
-  return _tile_loop(lambda x_mI, g: _matmul(x_mI, w_EIO[g]), out_shape, dtype,
-                    num_used, x_nmI, tile_group_n)
+  matmul = lambda x_mI, g: weight_einsum('mI,IO->mO', x_mI, w_EIO[g], dtype)
+  return _tile_loop(matmul, out_shape, dtype, num_used, x_nmI, tile_group_n)
 
 
 def _tiled_matmul_fwd(x_nmI, w_EIO, tile_group_n, num_used):
@@ -82,8 +78,8 @@ def _tiled_matmul_fwd(x_nmI, w_EIO, tile_group_n, num_used):
 def _tiled_matmul_bwd(residuals, dy_nmO):
   x_nmI, w_EIO, tile_group_n, num_used = residuals
   dy_nmO = dy_nmO.astype(x_nmI.dtype)
-  dx_nmI = _tile_loop(lambda dy_mO, g: _matmul(dy_mO, w_EIO[g].T), x_nmI.shape[1:], x_nmI.dtype,
-                      num_used, dy_nmO, tile_group_n)
+  matmul = lambda dy_mO, g: weight_einsum('mO,IO->mI', dy_mO, w_EIO[g], x_nmI.dtype)
+  dx_nmI = _tile_loop(matmul, x_nmI.shape[1:], x_nmI.dtype, num_used, dy_nmO, tile_group_n)
 
   def accumulate(n, dw_EIO):  # in place: the loop carry is updated at one group's slice
     update_IO = jnp.einsum('mI,mO->IO', x_nmI[n], dy_nmO[n], preferred_element_type=jnp.float32)
