@@ -115,6 +115,7 @@ class DataConfig:
   repeat_weight: float = 0.0   # a span of frequent pieces, then the span again (copying)
   word_frame_weight: float = 0.0  # one video frame showing a word -> the word
   keyword_weight: float = 0.0  # one spoken keyword utterance alone -> the keyword
+  needle_list_weight: float = 0.0  # needles without filler -> each value by its key
   # The first N training steps draw `repeat` examples alone, whatever the weights: the copy
   # (induction) circuit that retrieval needs forms on clean copy data (docs/retrieval.md).
   repeat_only_steps: int = 0

@@ -19,6 +19,7 @@ audio_haystack  speech_transcripts   ``<bos>`` speech ``Secret word:`` | `` {wor
 repeat          (generated)          ``<bos>Repeat:`` {span, out of the loss} | {span}``<eos>``
 word_frame      video_clips          ``<bos>`` image ``Word:`` | `` {word}<eos>``
 keyword         speech_transcripts   ``<bos>`` keyword utterance ``Secret word:`` | `` {word}<eos>``
+needle_list     (generated)          ``<bos>`` needles alone, questions | `` {value}<eos>``
 ==============  ===================  =====================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
@@ -64,6 +65,7 @@ from gemini_mini.modalities.text import Tokenizer
 
 MIN_HAYSTACK = 256      # positions of the shortest text haystack
 MAX_NEEDLES = 10        # needles in one text haystack
+MAX_LISTED_NEEDLES = 20  # needles in one needle list
 MIN_VIDEO_SECONDS = 4
 MAX_VIDEO_SECONDS = 64  # twice the video haystack target: longer rows hold several videos
 VIDEO_OVERHEAD = 16     # positions of a video example besides its seconds (bos, brackets, answer)
@@ -196,6 +198,27 @@ def word_frame_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room:
   return image_prompt(frame, 'Word:', tokenizer) + [answer(word, tokenizer)]  # the video's cue
 
 
+def needle_list_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
+                        room: Room) -> Example:
+  """2 to ``MAX_LISTED_NEEDLES`` needles (as many as the row holds) with no filler between
+  them, then a question about each in a random order: a text haystack reduced to its
+  key-matching step. In a haystack most positions are filler and most haystacks hold 1-4
+  needles, where answering with any needle's value is often right; here every answer's first
+  digit needs the asked key (docs/retrieval.md, multi-needle)."""
+  del next_record
+  count = int(rng.integers(2, MAX_LISTED_NEEDLES + 1))
+  keys = needles.draw_keys(rng, 'train', count)
+  values = [needles.draw_value(rng) for _ in keys]
+  sizes = [len(needles.needle_ids(key, value, tokenizer))
+           + len(tokenizer.encode(needles.question(key))) + len(tokenizer.encode(' ' + value))
+           for key, value in zip(keys, values)]
+  count = max(1, min(count, int(np.searchsorted(np.cumsum(sizes) + 2, room.positions,
+                                                side='right'))))
+  asked = [int(i) for i in rng.permutation(count)]
+  return haystack_prompt(np.zeros(0, np.int32), keys[:count], values[:count], [0.0] * count,
+                         asked, tokenizer) + [answer(values[asked[-1]], tokenizer)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One entry of the mixture.
@@ -229,5 +252,6 @@ TASKS = (
     Task('repeat', None, repeat.repeat_example),
     Task('word_frame', video_clips, word_frame_example),
     Task('keyword', audio_haystack, audio_haystack.keyword_example),
+    Task('needle_list', None, needle_list_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

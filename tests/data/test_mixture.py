@@ -303,3 +303,29 @@ def test_word_frame_rows_are_the_clips_word_frames(small_data_dir):
     assert text.startswith('Word: ') and word.upper() in frames_by_word
     assert len(patches) == image_lib.PATCHES_PER_IMAGE and tokens[-1] == tokenizer.eos_id
     assert any(np.array_equal(patches, frame) for frame in frames_by_word[word.upper()])
+
+
+def test_needle_lists_ask_every_needle_once_and_fit_the_row():
+  """A needle list is its needles, one per line with no filler, then one question per key in
+  some order, each answered with that key's value; it holds 2-20 needles and never more
+  positions than the row (fewer needles when the row is short)."""
+  tokenizer = Tokenizer()
+  needle_re = re.compile(r'The special magic number for (\S+) is (\d+)\.')
+  answer_re = re.compile(r'Answer: The special magic number for (\S+) is (\d+)')
+  counts = []
+  for i, positions in enumerate([2048] * 40 + [300] * 10):
+    example = tasks.needle_list_example(None, tokenizer, np.random.default_rng([7, i]),
+                                        tasks.Room(positions, 1, 1))
+    ids = np.concatenate([segment.data for segment in example])
+    assert len(ids) <= positions and ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+    text = tokenizer.decode(ids[1:-1])
+    hidden, questions = text.split('\nQuestion:', 1)
+    listed = dict(needle_re.findall(hidden))
+    assert hidden.strip() == '\n\n'.join(f'The special magic number for {key} is {value}.'
+                                         for key, value in listed.items())
+    asked = answer_re.findall(questions)
+    assert sorted(key for key, _ in asked) == sorted(listed)
+    assert all(listed[key] == value for key, value in asked)
+    counts.append(len(listed))
+  assert min(counts[:40]) == 2 and max(counts[:40]) == tasks.MAX_LISTED_NEEDLES
+  assert max(counts[40:]) < tasks.MAX_LISTED_NEEDLES
