@@ -11,10 +11,13 @@ longest of its questions; a length that cannot hold the needles and a question, 
 prompts plus answer exceed ``model.max_length``, is skipped with a printed note (null).
 
 Writes ``multi-needle.json``: figures ``{'recall' (over all scored needles), 'by_length':
-{length: fraction retrieved or null}, 'other_needle', 'other_needle_by_length'}``, where
-``other_needle`` is the fraction of questions answered with the value of *another* needle
-of the context: a model that retrieves a needle without matching its key scores there, not
-in recall; items: one per question (key, value, depth, the generation, whether it was
+{length: fraction retrieved or null}, 'other_needle', 'other_needle_by_length',
+'distinct_answers'}``, where ``other_needle`` is the fraction of questions answered with the
+value of *another* needle of the context: a model that retrieves a needle without matching
+its key scores there, not in recall; ``distinct_answers`` is, averaged over contexts, the
+number of different answers its questions got over the number of questions: 1 when every
+key gets its own answer, ``1 / eval.num_needles`` when the model gives one answer whatever
+the key; items: one per question (key, value, depth, the generation, whether it was
 retrieved, whether it gave another needle's value). Plots ``multi_needle.png``: recall
 against length, the mean and each context's fraction, and the other-needle answers' mean.
 """
@@ -100,10 +103,21 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
     records += scored
   mean = lambda field: float(np.mean([r[field] for r in records])) if records else None
   figures = {'recall': mean('retrieved'), 'by_length': by_length,
-             'other_needle': mean('other_needle'), 'other_needle_by_length': other_by_length}
+             'other_needle': mean('other_needle'), 'other_needle_by_length': other_by_length,
+             'distinct_answers': _distinct_answers(records)}
   common.write_result(out_dir, SUITE, loaded, figures, records)
   _plot(figures, records, settings, pathlib.Path(out_dir) / 'multi_needle.png', loaded.step)
   return figures
+
+
+def _distinct_answers(records: list[dict]) -> float | None:
+  """Mean over contexts of (different answer words) / (questions); None with no records."""
+  contexts = {}
+  for record in records:
+    contexts.setdefault((record['length'], record['trial']), []).append(
+        haystack.answer_word(record['generation']))
+  shares = [len(set(words)) / len(words) for words in contexts.values()]
+  return float(np.mean(shares)) if shares else None
 
 
 def _plot(figures: dict, records: list[dict], settings, path: pathlib.Path, step: int) -> None:

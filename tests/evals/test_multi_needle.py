@@ -57,13 +57,15 @@ def test_a_model_that_gives_the_answers_retrieves_every_needle(small_data_dir, t
       'eval.num_needles=4'])
   figures = multi_needle.run(Loaded(None, config, 0), tmp_path)
   assert figures == {'recall': 1.0, 'by_length': {'256': 1.0, '384': 1.0},
-                     'other_needle': 0.0, 'other_needle_by_length': {'256': 0.0, '384': 0.0}}
+                     'other_needle': 0.0, 'other_needle_by_length': {'256': 0.0, '384': 0.0},
+                     'distinct_answers': 1.0}
 
 
 def test_answers_with_the_wrong_needle_count_as_other_needle(small_data_dir, tmp_path,
                                                              monkeypatch):
-  """Each question answered with the next needle's value (of its own context): none
-  retrieved, every one another needle's; a value in no needle is neither."""
+  """Each question of the first context answered with the next needle's value: none
+  retrieved, every one another needle's, four different answers; the second context's
+  questions all answered with a value in no needle: neither, and one answer for four keys."""
   def generate(loaded, items, tokenizer):
     answers = []
     for index, item in enumerate(items):
@@ -78,6 +80,7 @@ def test_answers_with_the_wrong_needle_count_as_other_needle(small_data_dir, tmp
       'eval.num_needles=4'])
   figures = multi_needle.run(Loaded(None, config, 0), tmp_path)
   assert figures['recall'] == 0.0 and figures['other_needle'] == 0.5
+  assert figures['distinct_answers'] == (4 / 4 + 1 / 4) / 2
   items = json.loads((tmp_path / 'multi-needle.json').read_text())['items']
   assert [item['other_needle'] for item in items] == [True] * 4 + [False] * 4
 
