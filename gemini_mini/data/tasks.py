@@ -138,6 +138,12 @@ def filler(next_record: NextRecord, tokenizer: Tokenizer, length: int) -> np.nda
   return np.concatenate(parts)[:length] if parts else np.zeros(0, np.int32)
 
 
+def _needle_positions(key: str, value: str, tokenizer: Tokenizer) -> int:
+  """Positions one needle takes in a haystack prompt: its line, its question and its value."""
+  return (len(needles.needle_ids(key, value, tokenizer))
+          + len(tokenizer.encode(needles.question(key))) + len(tokenizer.encode(' ' + value)))
+
+
 def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                      room: Room) -> Example:
   """A text haystack of 256 to ``room.positions`` positions, with 1 to ``MAX_NEEDLES``
@@ -157,8 +163,7 @@ def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.rand
   values = [needles.draw_value(rng) for _ in keys]
   asked = [int(i) for i in rng.permutation(count)]
   reply = answer(values[asked[-1]], tokenizer)
-  fixed = 2 + sum(len(needles.needle_ids(key, value, tokenizer))  # 2: bos and eos
-                  + len(tokenizer.encode(needles.question(key))) + len(tokenizer.encode(' ' + value))
+  fixed = 2 + sum(_needle_positions(key, value, tokenizer)  # 2: bos and eos
                   for key, value in zip(keys, values))
   haystack = filler(next_record, tokenizer, max(total - fixed, 0))
   return haystack_prompt(haystack, keys, values, list(rng.random(count)), asked,
@@ -209,9 +214,7 @@ def needle_list_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.r
   count = int(rng.integers(2, MAX_LISTED_NEEDLES + 1))
   keys = needles.draw_keys(rng, 'train', count)
   values = [needles.draw_value(rng) for _ in keys]
-  sizes = [len(needles.needle_ids(key, value, tokenizer))
-           + len(tokenizer.encode(needles.question(key))) + len(tokenizer.encode(' ' + value))
-           for key, value in zip(keys, values)]
+  sizes = [_needle_positions(key, value, tokenizer) for key, value in zip(keys, values)]
   count = max(1, min(count, int(np.searchsorted(np.cumsum(sizes) + 2, room.positions,
                                                 side='right'))))
   asked = [int(i) for i in rng.permutation(count)]
