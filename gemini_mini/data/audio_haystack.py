@@ -92,13 +92,11 @@ def hide(filler_N: np.ndarray, keyword_K: np.ndarray, depth: float) -> tuple[np.
 
 
 def audio_haystack_prompt(filler_N: np.ndarray, keyword_K: np.ndarray, depth: float,
-                          tokenizer: Tokenizer, warp: float = 1.0) -> examples.Example:
-  """``<bos>`` audio (``hide(filler_N, keyword_K, depth)``, read with the frequency warp
-  ``warp``) ``Secret word:``; the answer is ``examples.answer(word)``, the keyword's word in
-  lower case."""
+                          tokenizer: Tokenizer) -> examples.Example:
+  """``<bos>`` audio (``hide(filler_N, keyword_K, depth)``) ``Secret word:``; the answer is
+  ``examples.answer(word)``, the keyword's word in lower case."""
   samples_M, _ = hide(filler_N, keyword_K, depth)
-  return [Segment.text([tokenizer.bos_id]),
-          Segment.audio(examples.audio_frames(samples_M, warp)),
+  return [Segment.text([tokenizer.bos_id]), Segment.audio(examples.audio_frames(samples_M)),
           Segment.text(tokenizer.encode(CUE))]
 
 
@@ -122,25 +120,23 @@ def audio_haystack_example(next_record: examples.NextRecord, tokenizer: Tokenize
   filler_frames = max(total - frames_of(len(keyword_K)), 0)
   clips = itertools.chain([first['audio']], (next_record()['audio'] for _ in itertools.count()))
   filler_N = filler(clips, filler_frames * FRAME_SAMPLES)
-  return (audio_haystack_prompt(filler_N, keyword_K, float(rng.random()), tokenizer,
-                                examples.draw_warp(rng)) + [reply])
+  return audio_haystack_prompt(filler_N, keyword_K, float(rng.random()), tokenizer) + [reply]
 
 
-def keyword_prompt(keyword_K: np.ndarray, tokenizer: Tokenizer,
-                   warp: float = 1.0) -> examples.Example:
+def keyword_prompt(keyword_K: np.ndarray, tokenizer: Tokenizer) -> examples.Example:
   """``<bos>`` the keyword utterance alone ``Secret word:``: an audio haystack without filler,
   about 60 positions (the ``keyword`` task's prompt and the tasks suite's)."""
   return audio_haystack_prompt(np.zeros(0, np.int16), np.asarray(keyword_K, np.int16), 0.0,
-                               tokenizer, warp)
+                               tokenizer)
 
 
 def keyword_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
                     rng: np.random.Generator, room: examples.Room) -> examples.Example:
   """A keyword utterance alone (``keyword_prompt``) and its word: the ``keyword`` task, the
   audio haystack's recognition step (docs/retrieval.md)."""
-  del room
+  del rng, room
   record = next_record()
-  return (keyword_prompt(record['keyword_audio'], tokenizer, examples.draw_warp(rng))
+  return (keyword_prompt(record['keyword_audio'], tokenizer)
           + [examples.answer(record['keyword'], tokenizer)])
 
 

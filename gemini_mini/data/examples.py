@@ -13,7 +13,6 @@ from gemini_mini.modalities.text import Tokenizer
 
 Example = list[Segment]
 NextRecord = Callable[[], dict]  # the next record of the task's dataset, for this row
-WARP_RANGE = (0.9, 1.1)  # training audio's frequency warp (``draw_warp``): formants +-10%
 
 
 class Room(NamedTuple):
@@ -53,15 +52,6 @@ def answer(string: str, tokenizer: Tokenizer, *, time_stamp: int | None = None) 
   return Segment.text(np.concatenate(ids + [[tokenizer.eos_id]]))
 
 
-def audio_frames(samples_N: np.ndarray, warp: float = 1.0) -> np.ndarray:
-  """int16 16 kHz samples ``[N]`` -> stacked log-mel frames ``[A, 320]`` (40 ms each), read
-  with the frequency warp ``warp`` (``audio.log_mel``)."""
-  return audio_lib.stack_frames(audio_lib.log_mel(np.asarray(samples_N, np.float32) / 32768,
-                                                  warp=warp))
-
-
-def draw_warp(rng: np.random.Generator) -> float:
-  """A training utterance's frequency warp, uniform in ``WARP_RANGE``: each hearing of a
-  training voice is a slightly different timbre, and unseen voices differ from the training
-  ones mostly in timbre (docs/retrieval.md). Evaluation reads audio unwarped."""
-  return float(rng.uniform(*WARP_RANGE))
+def audio_frames(samples_N: np.ndarray) -> np.ndarray:
+  """int16 16 kHz samples ``[N]`` -> stacked log-mel frames ``[A, 320]`` (40 ms each)."""
+  return audio_lib.stack_frames(audio_lib.log_mel(np.asarray(samples_N, np.float32) / 32768))

@@ -30,8 +30,7 @@ it is shown, a video needle in a haystack. A text haystack hides 1 to 10 ``needl
 asks for one); an audio haystack hides one
 spoken "The secret word is {word}." among read sentences (``audio_haystack``). A task reads as
 many records as it needs and draws its choices (lengths, depths, keys) from a seeded
-generator, so every example is reproducible; training audio is read with a frequency warp
-drawn per example (``examples.draw_warp``), evaluation's without.
+generator, so every example is reproducible.
 """
 
 import dataclasses
@@ -83,10 +82,9 @@ def caption_prompt(image_HWC, tokenizer: Tokenizer) -> Example:
   return image_prompt(image_HWC, 'Caption:', tokenizer)
 
 
-def speech_prompt(samples_N, tokenizer: Tokenizer, warp: float = 1.0) -> Example:
-  """``<bos>`` audio ``Transcript:``, for int16 16 kHz samples ``[N]`` read with the
-  frequency warp ``warp`` (``examples.audio_frames``)."""
-  return [Segment.text([tokenizer.bos_id]), Segment.audio(audio_frames(samples_N, warp)),
+def speech_prompt(samples_N, tokenizer: Tokenizer) -> Example:
+  """``<bos>`` audio ``Transcript:``, for int16 16 kHz samples ``[N]``."""
+  return [Segment.text([tokenizer.bos_id]), Segment.audio(audio_frames(samples_N)),
           examples.text(tokenizer, 'Transcript:')]
 
 
@@ -109,11 +107,10 @@ def caption_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Ro
 
 
 def speech_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
-  del room
+  del rng, room
   record = next_record()
   transcript = examples.as_str(record['transcript'])
-  return (speech_prompt(record['audio'], tokenizer, examples.draw_warp(rng))
-          + [answer(transcript, tokenizer)])
+  return speech_prompt(record['audio'], tokenizer) + [answer(transcript, tokenizer)]
 
 
 def haystack_prompt(filler_ids: np.ndarray, keys: list[str], values: list[str],

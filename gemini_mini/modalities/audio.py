@@ -8,13 +8,6 @@ HTK mel scale (``mel = 2595 log10(1 + f / 700)``, filters evenly spaced in mel f
 ``(log10(max(power, 1e-10)) + 4) / 4``: a fixed affine map (the one Whisper uses, without its
 per-clip clamp) that puts speech at about unit scale; digital silence is -1.5 (``SILENCE``).
 
-``warp`` (vocal tract length perturbation, Jaitly and Hinton 2013) reads the spectrum on a
-stretched frequency axis: the filters see bin frequency ``f`` as ``warp_frequencies(f, warp)``,
-``warp * f`` up to ``VTLP_BOUNDARY`` of Nyquist and then the straight line that keeps Nyquist
-in place, so a voice's formants move by about the factor ``warp``: one recording read as a
-slightly longer or shorter vocal tract. Training draws it per utterance to hear new timbres
-(``data/speech.draw_warp``); 1 (the default) is the plain features.
-
 ``stack_frames`` concatenates 4 consecutive 10 ms frames into one 40 ms item of
 ``4 * 80 = 320`` values (``model.audio_dim``), padding the tail with silence.
 """
@@ -32,7 +25,6 @@ FFT_SIZE = 512
 NUM_MELS = 80
 STACK = 4        # 10 ms frames per item: 40 ms
 LOG_FLOOR = 1e-10
-VTLP_BOUNDARY = 0.8  # share of Nyquist up to which the warp scales frequencies linearly
 SILENCE = (math.log10(LOG_FLOOR) + 4) / 4  # the feature value of zero power: -1.5
 
 
@@ -45,37 +37,17 @@ def mel_to_hz(mel):
   return 700 * (10 ** (np.asarray(mel, np.float64) / 2595) - 1)
 
 
-def warp_frequencies(hz, warp: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-  """Frequencies in Hz on the axis stretched by ``warp``, float64, the shape of ``hz``.
-
-  ``warp * f`` for ``f`` up to ``b = VTLP_BOUNDARY * nyquist``, then linear from
-  ``warp * b`` to ``nyquist``: 0 and Nyquist stay in place and the map is increasing.
-
-  Raises:
-    ValueError: unless ``0 < warp < 1 / VTLP_BOUNDARY`` (beyond, the map would fold back).
-  """
-  if not 0 < warp < 1 / VTLP_BOUNDARY:
-    raise ValueError(f'frequency warp {warp} is outside (0, {1 / VTLP_BOUNDARY:g}); '
-                     'use a factor near 1, e.g. 0.9 to 1.1')
-  hz, nyquist = np.asarray(hz, np.float64), sample_rate / 2
-  boundary = VTLP_BOUNDARY * nyquist
-  above = warp * boundary + (nyquist - warp * boundary) * (hz - boundary) / (nyquist - boundary)
-  return np.where(hz <= boundary, warp * hz, above)
-
-
 def mel_filters(num_mels: int = NUM_MELS, fft_size: int = FFT_SIZE,
-                sample_rate: int = SAMPLE_RATE, warp: float = 1.0) -> np.ndarray:
+                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
   """Triangular filters ``filters_MK`` float64, ``K = fft_size // 2 + 1`` FFT bins.
 
   Filter ``m`` rises linearly in Hz from edge ``m`` to 1 at edge ``m + 1`` and falls to 0 at
   edge ``m + 2``, where the ``num_mels + 2`` edges are evenly spaced in mel over
-  [0, sample_rate / 2]. Bin ``k`` sits at ``warp_frequencies(k * sample_rate / fft_size,
-  warp)``.
+  [0, sample_rate / 2].
   """
   edges_hz = mel_to_hz(np.linspace(0, hz_to_mel(sample_rate / 2), num_mels + 2))
   lower, centre, upper = edges_hz[:-2, None], edges_hz[1:-1, None], edges_hz[2:, None]
-  bins_hz = warp_frequencies(np.arange(fft_size // 2 + 1) * sample_rate / fft_size, warp,
-                             sample_rate)
+  bins_hz = np.arange(fft_size // 2 + 1) * sample_rate / fft_size
   rising = (bins_hz - lower) / (centre - lower)
   falling = (upper - bins_hz) / (upper - centre)
   return np.maximum(0, np.minimum(rising, falling))
@@ -85,17 +57,16 @@ _FILTERS_MK = mel_filters()
 _HANN_W = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WINDOW) / WINDOW)  # periodic Hann
 
 
-def log_mel(waveform_N, sample_rate: int = SAMPLE_RATE, warp: float = 1.0) -> np.ndarray:
+def log_mel(waveform_N, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
   """A mono waveform -> log-mel features ``mel_AM`` float32, ``A = ceil(N / 160)``, M = 80.
 
   Args:
     waveform_N: float samples in about [-1, 1] (``read_wav`` gives these), shape ``[N]``.
     sample_rate: must be 16000; it is an argument so that other rates fail loudly.
-    warp: the frequency warp (``warp_frequencies``); 1 reads the spectrum as it is.
 
   Raises:
     ValueError: for another sample rate, a shape other than ``[N]``, an integer dtype,
-      no samples, non-finite samples, or a warp outside ``warp_frequencies``' range.
+      no samples, or non-finite samples.
   """
   if sample_rate != SAMPLE_RATE:
     raise ValueError(f'log_mel expects {SAMPLE_RATE} Hz audio, got {sample_rate} Hz; resample '
@@ -114,8 +85,7 @@ def log_mel(waveform_N, sample_rate: int = SAMPLE_RATE, warp: float = 1.0) -> np
   padded[:len(waveform)] = waveform
   frames_AW = np.lib.stride_tricks.sliding_window_view(padded, WINDOW)[::HOP]
   power_AK = np.abs(np.fft.rfft(frames_AW * _HANN_W, n=FFT_SIZE)) ** 2
-  filters_MK = _FILTERS_MK if warp == 1 else mel_filters(warp=warp)
-  mel_AM = np.einsum('AK,MK->AM', power_AK, filters_MK)
+  mel_AM = np.einsum('AK,MK->AM', power_AK, _FILTERS_MK)
   return ((np.log10(np.maximum(mel_AM, LOG_FLOOR)) + 4) / 4).astype(np.float32)
 
 

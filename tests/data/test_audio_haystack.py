@@ -1,12 +1,11 @@
 """The audio haystack task: the keyword lands in the frames its depth names, training
-examples fit the row, repeat for a seed and read their audio with the warp they draw, and
-each split hears its own voices."""
+examples fit the row and repeat for a seed, and each split hears its own voices."""
 
 import numpy as np
 import pytest
 
 from gemini_mini.batch import Modality
-from gemini_mini.data import audio_haystack, examples, prepare, speech, tasks, video_clips
+from gemini_mini.data import audio_haystack, prepare, speech, tasks, video_clips
 from gemini_mini.modalities import interleave
 from gemini_mini.modalities.text import Tokenizer
 
@@ -39,21 +38,8 @@ def reader(source, start=0):
   return next_record, read
 
 
-def features(samples_N, warp=1.0):
-  return tasks.audio_frames(samples_N, warp)
-
-
-@pytest.fixture
-def drawn_warps(monkeypatch):
-  """The warps training examples draw (``examples.draw_warp``), in order."""
-  drawn, draw = [], examples.draw_warp
-
-  def recording(rng):
-    drawn.append(draw(rng))
-    return drawn[-1]
-
-  monkeypatch.setattr(examples, 'draw_warp', recording)
-  return drawn
+def features(samples_N):
+  return tasks.audio_frames(samples_N)
 
 
 def noise(rng, frames, extra=0):
@@ -113,7 +99,7 @@ def test_records_pair_sentences_with_keywords_of_the_same_voice_split(sources):
     audio_haystack.builder('unused', 'small').as_data_source('keywords_train')
 
 
-def test_examples_fit_the_room_and_hold_the_keyword(sources, tokenizer, drawn_warps):
+def test_examples_fit_the_room_and_hold_the_keyword(sources, tokenizer):
   for seed, room in enumerate(ROOMS * 3):
     next_record, read = reader(sources['train'], start=5 * seed)
     example = audio_haystack.audio_haystack_example(
@@ -125,9 +111,8 @@ def test_examples_fit_the_room_and_hold_the_keyword(sources, tokenizer, drawn_wa
     first = sources['train'][read[0]]
     assert tokenizer.decode(example[-1].data) == ' ' + first['keyword']
     assert example[-1].data[-1] == tokenizer.eos_id
-    # The keyword's own frames, read with the example's warp, are in the audio, whole (all
-    # but its last, see above).
-    keyword_AD = features(first['keyword_audio'], drawn_warps[-1])[:-1]
+    # The keyword's own frames are in the audio, whole (all but its last, see above).
+    keyword_AD = features(first['keyword_audio'])[:-1]
     matches = [start for start in range(len(flat.audio) - len(keyword_AD) + 1)
                if np.allclose(flat.audio[start:start + len(keyword_AD)], keyword_AD, atol=1e-5)]
     assert len(matches) == 1
@@ -159,38 +144,16 @@ def test_a_keyword_longer_than_the_row_gives_an_example_the_mixture_skips(source
   assert len(flat.audio) > room.audio_frames
 
 
-def test_a_keyword_example_is_the_keyword_utterance_alone(sources, tokenizer, drawn_warps):
+def test_a_keyword_example_is_the_keyword_utterance_alone(sources, tokenizer):
   next_record, read = reader(sources['train'], start=7)
   example = audio_haystack.keyword_example(next_record, tokenizer, np.random.default_rng(0),
                                            ROOMS[0])
   record = sources['train'][read[0]]
   flat = interleave.flatten(example, tokenizer)
-  # The last frame is padded (above).
-  keyword_AD = features(record['keyword_audio'], drawn_warps[-1])[:-1]
+  keyword_AD = features(record['keyword_audio'])[:-1]  # the last frame is padded (above)
   assert len(read) == 1 and len(flat.audio) == audio_haystack.frames_of(
       len(record['keyword_audio']))
   np.testing.assert_allclose(flat.audio[:len(keyword_AD)], keyword_AD, atol=1e-5)
   text = tokenizer.decode(flat.tokens[flat.modality == Modality.TEXT])
   assert text == f'{audio_haystack.CUE} {record["keyword"]}'
   assert flat.tokens[-1] == tokenizer.eos_id
-
-
-def test_training_audio_is_warped_and_evaluation_audio_is_not(sources, tokenizer, drawn_warps):
-  """Each training example draws its own warp in ``examples.WARP_RANGE``; its audio differs
-  from the unwarped features that evaluation prompts are made of."""
-  record = sources['train'][0]
-  for seed in range(8):
-    next_record, _ = reader(sources['train'])
-    example = audio_haystack.keyword_example(next_record, tokenizer,
-                                             np.random.default_rng(seed), ROOMS[0])
-    assert not np.allclose(example[1].data, features(record['keyword_audio']), atol=1e-3)
-  for seed in range(8, 16):
-    next_record, _ = reader(sources['train'])
-    transcript = tasks.speech_example(next_record, tokenizer, np.random.default_rng(seed),
-                                      ROOMS[0])
-    np.testing.assert_array_equal(transcript[1].data,
-                                  features(record['audio'], drawn_warps[-1]))
-  low, high = examples.WARP_RANGE
-  assert len(set(drawn_warps)) == 16 and all(low <= warp <= high for warp in drawn_warps)
-  prompt = audio_haystack.keyword_prompt(record['keyword_audio'], tokenizer)
-  np.testing.assert_array_equal(prompt[1].data, features(record['keyword_audio']))

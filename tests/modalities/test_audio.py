@@ -1,5 +1,4 @@
-"""log-mel against a slow direct-DFT reference; the frequency warp; tones, stacking, wav
-reading, bad inputs."""
+"""log-mel against a slow direct-DFT reference; tones, stacking, wav reading, bad inputs."""
 
 import math
 import wave
@@ -12,24 +11,15 @@ from gemini_mini.modalities import audio as audio_lib
 RNG = np.random.default_rng(0)
 
 
-def slow_warp(f, warp):
-  """VTLP's piecewise-linear map: warp * f up to 6,400 Hz (0.8 of Nyquist), then the line
-  through (6400, 6400 warp) and (8000, 8000)."""
-  if f <= 6400:
-    return warp * f
-  return 6400 * warp + (8000 - 6400 * warp) * (f - 6400) / 1600
-
-
-def slow_mel_filters(warp=1.0):
-  """Filter m: a triangle in Hz over the HTK-mel-spaced edges m, m + 1, m + 2, peak 1, read
-  at each bin's warped frequency."""
+def slow_mel_filters():
+  """Filter m: a triangle in Hz over the HTK-mel-spaced edges m, m + 1, m + 2, peak 1."""
   top = 2595 * math.log10(1 + 8000 / 700)
   edges = [700 * (10 ** (top * i / 81 / 2595) - 1) for i in range(82)]
   filters = np.zeros((80, 257))
   for m in range(80):
     low, centre, high = edges[m], edges[m + 1], edges[m + 2]
     for k in range(257):
-      f = slow_warp(k * 16000 / 512, warp)
+      f = k * 16000 / 512
       if low <= f <= centre:
         filters[m, k] = (f - low) / (centre - low)
       elif centre < f <= high:
@@ -59,39 +49,6 @@ def test_filters_match_the_formula_and_none_is_empty():
   filters, _ = slow_mel_filters()
   np.testing.assert_allclose(audio_lib.mel_filters(), filters, atol=1e-12)
   assert (filters.sum(axis=1) > 0).all()
-
-
-def test_warp_moves_frequencies_and_keeps_the_ends():
-  np.testing.assert_allclose(audio_lib.warp_frequencies([0, 1000, 6400, 7200, 8000], 1.1),
-                             [0, 1100, 7040, 7520, 8000])
-  np.testing.assert_allclose(audio_lib.warp_frequencies([0, 1000, 7200, 8000], 0.9),
-                             [0, 900, 6880, 8000])
-  bins = np.arange(257) * 16000 / 512
-  np.testing.assert_array_equal(audio_lib.warp_frequencies(bins, 1.0), bins)
-  for warp in (0.8, 0.9, 1.1, 1.2):
-    assert (np.diff(audio_lib.warp_frequencies(bins, warp)) > 0).all()
-  for bad in (0.0, -1.0, 1.25, 2.0):
-    with pytest.raises(ValueError, match='outside'):
-      audio_lib.warp_frequencies(bins, bad)
-
-
-@pytest.mark.parametrize('warp', [0.9, 1.07])
-def test_warped_filters_match_the_formula(warp):
-  np.testing.assert_allclose(audio_lib.mel_filters(warp=warp), slow_mel_filters(warp)[0],
-                             atol=1e-12)
-
-
-@pytest.mark.parametrize('mel_bin', [12, 30, 50])
-def test_a_warped_tone_lands_where_the_warp_takes_it(mel_bin):
-  """A tone at f / warp, read with ``warp``, peaks in the filter centred at f: the warp
-  moves a formant by its factor (f below 0.8 of Nyquist)."""
-  _, edges = slow_mel_filters()
-  t = np.arange(16000) / 16000
-  for warp in (0.9, 1.1):
-    tone = 0.5 * np.sin(2 * np.pi * edges[mel_bin + 1] / warp * t)
-    mel = audio_lib.log_mel(tone, warp=warp)
-    np.testing.assert_array_equal(mel[:97].argmax(axis=1), mel_bin)
-    assert audio_lib.log_mel(tone)[:97].argmax(axis=1)[0] != mel_bin  # unwarped: elsewhere
 
 
 @pytest.mark.parametrize('num_samples', [400, 1234, 4000])
@@ -169,5 +126,3 @@ def test_read_wav_rejects_bad_files(tmp_path):
 def test_bad_waveforms_rejected(waveform, rate, match):
   with pytest.raises(ValueError, match=match):
     audio_lib.log_mel(waveform, rate)
-  with pytest.raises(ValueError, match='warp 1.5 is outside'):
-    audio_lib.log_mel(np.zeros(100), warp=1.5)
