@@ -147,9 +147,16 @@ def _needle_positions(key: str, value: str, tokenizer: Tokenizer) -> int:
 def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.Generator,
                      room: Room) -> Example:
   """A text haystack of 256 to ``room.positions`` positions, with 1 to ``MAX_NEEDLES``
-  needles (at most one per 64 positions) at uniform depths; the questions ask about every
+  needles (at most one per 64 positions) at arcsine depths; the questions ask about every
   needle, in a random order (one retrieval per needle to learn from, where a single question
   would give one per haystack).
+
+  Depths follow the arcsine distribution, Beta(1/2, 1/2): a fifth of the needles in the first
+  tenth of the filler and a fifth in the last, a tenth each with uniform depths. A needle
+  right before its question (the eval's depth 1) or right after ``<bos>`` (depth 0) was
+  rare in training and recalled worst; from the same warm start, 270 steps of haystacks with
+  these depths recalled 82% of 450 eval items (512-2,048 tokens, 5 depths) against 63%
+  with uniform ones (docs/retrieval.md).
 
   The length is log-uniform (``examples.log_uniform``): as many haystacks of 256-512
   positions as of 1,024-2,048. Short ones teach retrieval fastest and pack several to a row;
@@ -166,7 +173,7 @@ def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.rand
   fixed = 2 + sum(_needle_positions(key, value, tokenizer)  # 2: bos and eos
                   for key, value in zip(keys, values))
   haystack = filler(next_record, tokenizer, max(total - fixed, 0))
-  return haystack_prompt(haystack, keys, values, list(rng.random(count)), asked,
+  return haystack_prompt(haystack, keys, values, list(rng.beta(0.5, 0.5, count)), asked,
                          tokenizer) + [reply]
 
 

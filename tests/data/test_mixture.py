@@ -12,7 +12,7 @@ import pytest
 
 from gemini_mini.batch import Modality, check_batch
 from gemini_mini.config import DataConfig
-from gemini_mini.data import (arithmetic, examples, image_caption, mixture, tasks,
+from gemini_mini.data import (arithmetic, examples, image_caption, mixture, needles, tasks,
                               text_corpus, video_clips)
 from gemini_mini.data.mixture import DataError, Mixture
 from gemini_mini.modalities import image as image_lib
@@ -167,6 +167,28 @@ def test_haystack_lengths_are_log_uniform(monkeypatch):
   assert lengths.min() >= 256 and lengths.max() <= 2048
   shares = np.histogram(lengths, bins=[256, 512, 1024, 2049])[0] / len(lengths)
   np.testing.assert_allclose(shares, 1 / 3, atol=0.06)
+
+
+def test_haystack_needle_depths_are_arcsine(monkeypatch):
+  """Needle depths follow Beta(1/2, 1/2), whose CDF is (2 / pi) asin(sqrt(x)): a fifth of
+  the needles in each outer tenth of the filler, where uniform depths put a tenth."""
+  tokenizer = Tokenizer()
+  monkeypatch.setattr(tasks, 'filler', lambda next_record, tokenizer, length: np.full(
+      length, int(tokenizer.encode('the')[0]), np.int32))
+  depths, hide = [], needles.hide
+
+  def recording_hide(filler_ids, needle_ids, needle_depths):
+    depths.extend(needle_depths)
+    return hide(filler_ids, needle_ids, needle_depths)
+
+  monkeypatch.setattr(needles, 'hide', recording_hide)
+  for i in range(500):
+    tasks.haystack_example(None, tokenizer, np.random.default_rng([6, i]), tasks.Room(2048, 1, 1))
+  depths = np.array(depths)
+  assert len(depths) > 2000 and depths.min() >= 0 and depths.max() <= 1
+  for x in (0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.98):
+    assert abs(np.mean(depths < x) - 2 / np.pi * np.arcsin(np.sqrt(x))) < 0.03, x
+  assert abs(np.mean(depths < 0.1) - 0.205) < 0.03 and abs(np.mean(depths > 0.9) - 0.205) < 0.03
 
 
 def test_task_shares_follow_the_weights(small_data_dir):
