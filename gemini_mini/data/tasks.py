@@ -154,9 +154,9 @@ def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.rand
   Depths follow the arcsine distribution, Beta(1/2, 1/2): a fifth of the needles in the first
   tenth of the filler and a fifth in the last, a tenth each with uniform depths. A needle
   right before its question (the eval's depth 1) or right after ``<bos>`` (depth 0) was
-  rare in training and recalled worst; from the same warm start, 270 steps of haystacks with
-  these depths recalled 82% of 450 eval items (512-2,048 tokens, 5 depths) against 63%
-  with uniform ones (docs/retrieval.md).
+  rare in training and recalled worst; from the same 200 steps of repeats, 259 steps of
+  haystacks with these depths recalled 82% of 450 eval items (512-2,048 tokens, 5 depths)
+  against 63% with uniform ones (docs/retrieval.md).
 
   The length is log-uniform (``examples.log_uniform``): as many haystacks of 256-512
   positions as of 1,024-2,048. Short ones teach retrieval fastest and pack several to a row;
