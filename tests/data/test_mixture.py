@@ -154,13 +154,17 @@ def test_log_uniform_draws_as_many_in_each_octave():
   assert examples.log_uniform(rng, 7, 7) == 7
 
 
-def test_haystack_lengths_are_log_uniform(monkeypatch):
+@pytest.fixture
+def constant_filler(monkeypatch):
+  """Haystack filler of ``the`` repeated, so haystack examples need no documents."""
+  monkeypatch.setattr(tasks, 'filler', lambda next_record, tokenizer, length: np.full(
+      length, int(tokenizer.encode('the')[0]), np.int32))
+
+
+def test_haystack_lengths_are_log_uniform(constant_filler):
   """As many haystacks of 256-512 positions as of 512-1,024 and of 1,024-2,048 (uniform
   lengths would give 14%, 29% and 57%), none longer than the row."""
   tokenizer = Tokenizer()
-  filler_id = int(tokenizer.encode('the')[0])
-  monkeypatch.setattr(tasks, 'filler', lambda next_record, tokenizer, length: np.full(
-      length, filler_id, np.int32))
   lengths = np.array([sum(len(segment.data) for segment in tasks.haystack_example(
       None, tokenizer, np.random.default_rng([5, i]), tasks.Room(2048, 1, 1)))
       for i in range(600)])
@@ -169,12 +173,10 @@ def test_haystack_lengths_are_log_uniform(monkeypatch):
   np.testing.assert_allclose(shares, 1 / 3, atol=0.06)
 
 
-def test_haystack_needle_depths_are_arcsine(monkeypatch):
+def test_haystack_needle_depths_are_arcsine(constant_filler, monkeypatch):
   """Needle depths follow Beta(1/2, 1/2), whose CDF is (2 / pi) asin(sqrt(x)): a fifth of
   the needles in each outer tenth of the filler, where uniform depths put a tenth."""
   tokenizer = Tokenizer()
-  monkeypatch.setattr(tasks, 'filler', lambda next_record, tokenizer, length: np.full(
-      length, int(tokenizer.encode('the')[0]), np.int32))
   depths, hide = [], needles.hide
 
   def recording_hide(filler_ids, needle_ids, needle_depths):
