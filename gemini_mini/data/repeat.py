@@ -7,6 +7,13 @@ frequent pieces and the ten digits, then the same span again. The second copy is
 only by looking back: find where the previous piece occurred in the first copy and copy the
 piece after it, the induction-head circuit (Olsson et al. 2022) that needle retrieval needs.
 
+Half the spans (``RUN_SHARE``) hold a run: one of their pieces 3 to 5 times in a row
+(``RUN_LENGTHS``). Inside a run, the last piece or two occur at several places of the first
+copy, followed by different pieces, so the copy must keep its place some other way; needle
+values need that (``6444683``: after ``644``, ``44`` is followed by ``4`` and by ``6``).
+Without runs the nano model recalled 32% of needles whose value holds one; from a start with
+them, 58%, and 96% of ordinary needles against 82% (docs/retrieval.md).
+
 Only the pieces an induction head can predict are in the loss: the second copy after its
 first piece. The rest stays out (``Segment.text(..., loss=False)``): the first copy is noise;
 nothing marks where it ends, so the piece that opens the second copy cannot be predicted;
@@ -34,6 +41,8 @@ from gemini_mini.modalities.text import Tokenizer
 MIN_SPAN = 8
 MAX_SPAN = 32
 POOL_SIZE = 64
+RUN_SHARE = 0.5
+RUN_LENGTHS = (3, 5)
 
 
 @functools.cache  # once per tokenizer, not once per example
@@ -53,7 +62,17 @@ def repeat_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random
   prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode('Repeat:')])
   longest = max(2, min(MAX_SPAN, (room.positions - len(prompt) - 1) // 2))
   span = rng.choice(pool(tokenizer), int(rng.integers(min(MIN_SPAN, longest), longest + 1)))
+  if rng.random() < RUN_SHARE:
+    lay_run(span, rng)
   return span_twice(prompt, span, tokenizer.eos_id)
+
+
+def lay_run(span: np.ndarray, rng: np.random.Generator) -> None:
+  """Repeats one piece of ``span`` ``RUN_LENGTHS`` times in a row (at most the whole span),
+  in place, at a random place; the pieces it covers are overwritten."""
+  length = min(int(rng.integers(RUN_LENGTHS[0], RUN_LENGTHS[1] + 1)), len(span))
+  start = int(rng.integers(len(span) - length + 1))
+  span[start:start + length] = span[start]
 
 
 def span_twice(prompt: np.ndarray, span: np.ndarray, eos_id: int) -> list[Segment]:
