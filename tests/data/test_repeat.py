@@ -73,3 +73,42 @@ def test_same_seed_same_example_and_short_rows_are_respected(tokenizer):
   for positions in (12, 20, 40):
     for seed in range(20):
       assert len(ids(seed, positions)) <= positions
+
+
+def longest_run(pieces) -> int:
+  longest = current = 1
+  for previous, piece in zip(pieces[:-1], pieces[1:]):
+    current = current + 1 if piece == previous else 1
+    longest = max(longest, current)
+  return longest
+
+
+def test_half_the_spans_hold_a_run_of_three_to_five(tokenizer):
+  """Spans of 74 distinct pieces drawn uniformly hold a run of 3 by chance in under 1% of
+  examples; ``RUN_SHARE`` of them get one laid in."""
+  runs = [longest_run(example(seed, tokenizer)[1].data[:-1].tolist()) for seed in range(600)]
+  assert abs(np.mean([run >= 3 for run in runs]) - repeat.RUN_SHARE) < 0.07
+  assert {3, 4, 5} <= set(runs)
+
+
+def test_lay_run_repeats_one_piece_in_place_and_keeps_the_rest():
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(200):
+    span = np.arange(10, 22)
+    start_of = {piece: i for i, piece in enumerate(span)}
+    repeat.lay_run(span, rng)
+    changed = np.nonzero(span != np.arange(10, 22))[0]
+    start = start_of[span[changed[0]]] if len(changed) else None
+    # The laid run: the piece at its start, then RUN_LENGTHS - 1 more copies of it.
+    assert start is not None and np.all(span[changed] == span[start])
+    length = changed[-1] - start + 1
+    assert repeat.RUN_LENGTHS[0] <= length <= repeat.RUN_LENGTHS[1]
+    np.testing.assert_array_equal(span[start:start + length], np.full(length, 10 + start))
+    kept = np.setdiff1d(np.arange(12), np.arange(start, start + length))
+    np.testing.assert_array_equal(span[kept], 10 + kept)
+    seen.add((start, length))
+  assert {start for start, _ in seen} == set(range(12 - 3 + 1))  # every place a run fits
+  short = np.array([5, 6])
+  repeat.lay_run(short, rng)
+  np.testing.assert_array_equal(short, [5, 5])  # a run as long as the span allows
