@@ -1,4 +1,5 @@
-"""Random batches that honour the batch contract, for tests of any package layer."""
+"""Helpers for tests of any package layer: random batches that honour the batch contract,
+and the longest run of equal items in a sequence."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +34,12 @@ def make_batch(model_config, *, batch_size=2, length=64, num_patches=8, num_audi
                           jnp.float32),
       audio=jnp.asarray(rng.normal(size=(batch_size, num_audio, model_config.audio_dim)),
                         jnp.float32))
+
+
+def longest_run(sequence) -> int:
+  """The most equal items in a row in ``sequence`` (a string's characters, a list's items)."""
+  longest = current = 1
+  for previous, item in zip(sequence[:-1], sequence[1:]):
+    current = current + 1 if item == previous else 1
+    longest = max(longest, current)
+  return longest

@@ -4,12 +4,9 @@ import re
 
 import numpy as np
 import pytest
+from helpers import longest_run
 
 from gemini_mini.data import needles
-
-
-def longest_run(value: str) -> int:
-  return max(len(match.group(0)) for match in re.finditer(r'(\d)\1*', value))
 
 
 def test_values_have_seven_digits_and_rarely_a_run():

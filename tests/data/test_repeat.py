@@ -3,6 +3,7 @@ fitting its row."""
 
 import numpy as np
 import pytest
+from helpers import longest_run
 
 from gemini_mini.data import repeat
 from gemini_mini.data.examples import Room
@@ -75,14 +76,6 @@ def test_same_seed_same_example_and_short_rows_are_respected(tokenizer):
       assert len(ids(seed, positions)) <= positions
 
 
-def longest_run(pieces) -> int:
-  longest = current = 1
-  for previous, piece in zip(pieces[:-1], pieces[1:]):
-    current = current + 1 if piece == previous else 1
-    longest = max(longest, current)
-  return longest
-
-
 def test_half_the_spans_hold_a_run_of_three_to_five(tokenizer):
   """Spans of 74 distinct pieces drawn uniformly hold a run of 3 by chance in under 1% of
   examples; ``RUN_SHARE`` of them get one laid in."""
@@ -95,13 +88,13 @@ def test_lay_run_repeats_one_piece_in_place_and_keeps_the_rest():
   rng = np.random.default_rng(0)
   seen = set()
   for _ in range(200):
-    span = np.arange(10, 22)
-    start_of = {piece: i for i, piece in enumerate(span)}
+    span = np.arange(10, 22)  # piece 10 + i at place i
     repeat.lay_run(span, rng)
     changed = np.nonzero(span != np.arange(10, 22))[0]
-    start = start_of[span[changed[0]]] if len(changed) else None
+    assert len(changed)
+    start = span[changed[0]] - 10  # the place of the piece the run repeats
     # The laid run: the piece at its start, then RUN_LENGTHS - 1 more copies of it.
-    assert start is not None and np.all(span[changed] == span[start])
+    assert np.all(span[changed] == span[start])
     length = changed[-1] - start + 1
     assert repeat.RUN_LENGTHS[0] <= length <= repeat.RUN_LENGTHS[1]
     np.testing.assert_array_equal(span[start:start + length], np.full(length, 10 + start))
