@@ -8,8 +8,8 @@ vocabulary). The second copy is predictable only by looking back, so its loss fa
 ``--copy-loss-only`` the loss (and the printed figure) covers the second copy alone.
 
 Prints the loss every ``--every`` steps and the first step where it falls below
-``--threshold`` nats (or that it never did). Findings and the runs behind them:
-docs/retrieval.md.
+``--threshold`` nats (or that it never did). What decides whether the circuit forms, and the
+runs behind it: docs/retrieval.md#the-copy-circuit.
 
   python bench/induction.py [--pool 64 --span-min 8 --span-max 32 --batch 16 --seq-len 256
                              --steps 300 --lr 3e-3 --warmup 50 --copy-loss-only]

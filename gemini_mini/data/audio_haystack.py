@@ -133,7 +133,7 @@ def keyword_prompt(keyword_K: np.ndarray, tokenizer: Tokenizer) -> examples.Exam
 def keyword_example(next_record: examples.NextRecord, tokenizer: Tokenizer,
                     rng: np.random.Generator, room: examples.Room) -> examples.Example:
   """A keyword utterance alone (``keyword_prompt``) and its word: the ``keyword`` task, the
-  audio haystack's recognition step (docs/retrieval.md)."""
+  audio haystack's recognition step (docs/retrieval.md#audio-haystack)."""
   del rng, room
   record = next_record()
   return (keyword_prompt(record['keyword_audio'], tokenizer)

@@ -11,23 +11,21 @@ Half the spans (``RUN_SHARE``) hold a run: one of their pieces 3 to 5 times in a
 (``RUN_LENGTHS``). Inside a run, the last piece or two occur at several places of the first
 copy, followed by different pieces, so the copy must keep its place some other way; needle
 values need that (``6444683``: after ``644``, ``44`` is followed by ``4`` and by ``6``).
-Without runs the nano model recalled 32% of needles whose value holds one; from a start with
-them, 58%, and 96% of ordinary needles against 82% (docs/retrieval.md).
+Learnt here, before any lookup, runs lift the recall of such needles and of ordinary ones;
+placed in the haystack values instead, they do not (docs/retrieval.md#the-copy-circuit).
 
 Only the pieces an induction head can predict are in the loss: the second copy after its
 first piece. The rest stays out (``Segment.text(..., loss=False)``): the first copy is noise;
 nothing marks where it ends, so the piece that opens the second copy cannot be predicted;
 and ``<eos>`` after the last piece contradicts what looking back predicts there (the piece
 that followed it the first time). With the first copy in the loss the circuit formed far
-later (``bench/induction.py``: below 1 nat at step 115 without it, still above 4 nats at
-step 140 with it).
+later (``bench/induction.py``).
 
 Why this task exists: trained on haystacks alone, the nano model never formed that circuit,
-and a needle's digits give almost no signal until it exists. On clean copy data the nano
-shape with tied embeddings forms it in 115-200 steps of 4,096 tokens, and only partly in
-600 steps of a mixture, hence ``data.repeat_only_steps`` (this task alone first); spans
-from the whole vocabulary stay near chance for hundreds of steps, as each piece's embedding
-trains too seldom. Figures and commands: docs/retrieval.md.
+and a needle's digits give almost no signal until it exists. Clean copy data of frequent
+pieces forms it within a few hundred steps and a mixture far more slowly, hence
+``data.repeat_only_steps`` (this task alone first); spans from the whole vocabulary stay near
+chance, as each piece's embedding trains too seldom (docs/retrieval.md#the-copy-circuit).
 """
 
 import functools

@@ -65,8 +65,8 @@ SAMPLE_RATE = audio_lib.SAMPLE_RATE
 SPLITS = ('train', 'eval')                         # sentences; also the voice splits
 KEYWORD_SPLITS = ('keywords_train', 'keywords_eval')  # keyword utterances of those voices
 KEYWORD_TEXT = 'The secret word is {word}.'
-# Voices that say each word. With 4 training voices a keyword-only run learns every training
-# utterance (100%) and 18% of unseen voices' (docs/retrieval.md): the voices are the limit.
+# Voices that say each word. With a few voices a word the model memorises the voices, not the
+# word; more voices teach it to recognise unseen ones (docs/retrieval.md#audio-haystack).
 KEYWORD_VOICES = {'keywords_train': 16, 'keywords_eval': 2}
 NUM_EXAMPLES = {
     'small': {'train': 32, 'eval': 16, 'keywords_train': 24, 'keywords_eval': 12},

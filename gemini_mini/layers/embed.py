@@ -18,7 +18,8 @@ class TokenEmbed(nnx.Module):
   start at unit scale: ``logits = x @ E.T / sqrt(D)``. Copying a token from the context then
   needs one map shared by the whole vocabulary (attention's value-output product near the
   identity), where untied matrices need each token's two vectors aligned one by one, which
-  rare tokens seldom train (docs/retrieval.md). Logits are float32 for a stable softmax.
+  rare tokens seldom train (docs/retrieval.md#the-copy-circuit). Logits are float32 for a
+  stable softmax.
   """
 
   def __init__(self, vocab_size: int, d_model: int, *, tied: bool = False, dtype=jnp.float32,

@@ -7,12 +7,12 @@ is a plain ``jnp.einsum`` and JAX differentiates it.
 
 On CPU, in bfloat16, the forward matmul asks for float32 results
 (``preferred_element_type``), and the backward pass is written by hand so that its two
-matmuls do the same: XLA:CPU's bfloat16-output matmul is slower than its float32 one
-(``bench/matmul_precision.py``: 177 against 211 GFLOP/s on a CPU with AMX; bfloat16 in,
-float32 out 233-300), and JAX's own transpose of a float32-result einsum multiplies the
-float32 cotangent by the bfloat16 operand, which XLA:CPU runs in float32. The weight
-gradient comes back in float32, never rounded to bfloat16. On an H200 the same hand-written
-backward made the larger training config 5% slower (docs/benchmarks.md), hence CPU only.
+matmuls do the same: XLA:CPU's bfloat16-output matmul is slower than its float32 one, and
+JAX's own transpose of a float32-result einsum multiplies the float32 cotangent by the
+bfloat16 operand, which XLA:CPU runs in float32 (docs/benchmarks.md#bfloat16-on-cpu). The
+weight gradient comes back in float32, never rounded to bfloat16. On GPU, XLA's own
+transposes are already bfloat16 matmuls with float32 accumulation and the hand-written
+backward was slower (docs/benchmarks.md#bfloat16-on-a-gpu), hence CPU only.
 """
 
 import functools

@@ -40,8 +40,8 @@ def similar_token_reach(head_dim: int, max_wavelength: float, limit: int) -> int
   score margin over a random key is ``2 var(q) * sum_i cos(m * theta_i)``, ``theta_i =
   max_wavelength ** (-2i / H)`` (Men et al. 2024, "Base of RoPE bounds context length"). Where
   the sum is negative, matching content no longer finds the needle on average. It is not
-  monotone in ``max_wavelength`` (a sum of cosines dips below zero here and there); with
-  ``head_dim`` 64 the reach is 725 at 10,000 and 9,937 at 500,000 (docs/retrieval.md).
+  monotone in ``max_wavelength`` (a sum of cosines dips below zero here and there), so each
+  wavelength is checked, not read off a curve (docs/retrieval.md#rope-wavelength).
   """
   theta_h = max_wavelength ** (-np.arange(0, head_dim, 2) / head_dim)
   for start in range(1, limit, 4096):  # chunks: [4096, H / 2] at a time, whatever the limit
