@@ -1,8 +1,7 @@
 """MoE layer against a dense GatedMLP of the same active FLOPs, timed in the same run.
 
 Variants: ``capacity`` dispatch at capacity factors 1.0 and 1.25, and ``dropless`` with each
-grouped matmul (``tiled``, ``ragged_dot``; forced by patching
-``grouped_matmul.default_implementation``). The baseline is
+grouped matmul (``tiled``, ``ragged_dot``; the MoE's ``grouped_matmul`` argument). The baseline is
 ``GatedMLP(d_model, experts_per_token * d_ff)``. Timed: ``jax.jit(jax.value_and_grad(loss))``
 with ``loss = sum(y**2)`` w.r.t. the parameters (``nnx.split``) and the input; with
 ``--forward-only``, ``jax.jit(loss)``.
@@ -18,7 +17,6 @@ work and elementwise ops are not counted), with X = batch * length tokens:
 """
 
 import argparse
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -28,25 +26,13 @@ try:
   from bench import common
 except ImportError:  # run as a script: python bench/moe.py
   import common
-from gemini_mini.layers import grouped_matmul as gmm
+from gemini_mini.layers.grouped_matmul import Implementation
 from gemini_mini.layers.mlp import GatedMLP
 from gemini_mini.layers.moe import MoE
 
 # (dispatch, capacity_factor, grouped matmul implementation)
 VARIANTS = (('capacity', 1.0, None), ('capacity', 1.25, None),
             ('dropless', None, 'tiled'), ('dropless', None, 'ragged_dot'))
-
-
-@contextlib.contextmanager
-def forced_grouped_matmul(implementation: str | None):
-  """Makes the dropless dispatch use ``implementation`` (it asks when the MoE is traced)."""
-  saved = gmm.default_implementation
-  if implementation:
-    gmm.default_implementation = lambda: implementation
-  try:
-    yield
-  finally:
-    gmm.default_implementation = saved
 
 
 def split_loss(module: nnx.Module):
@@ -98,10 +84,10 @@ def main():
   results = [{'name': f'dense GatedMLP (d_ff {k * f})', 'flops': dense_flops, **timing}]
   for dispatch, capacity_factor, implementation in VARIANTS:
     moe = MoE(d, f, e, k, dispatch=dispatch, capacity_factor=capacity_factor or 1.0,
+              grouped_matmul=implementation and Implementation(implementation),
               rngs=nnx.Rngs(0))
-    with forced_grouped_matmul(implementation):
-      timing = time_module(moe, x_BTD, args)
-      dropped = dropped_fraction(moe, x_BTD)
+    timing = time_module(moe, x_BTD, args)
+    dropped = dropped_fraction(moe, x_BTD)
     if dispatch == 'capacity':
       name = f'capacity cf={capacity_factor} (C={moe.capacity(args.length)})'
     else:

@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from gemini_mini.layers import MoE
-from gemini_mini.layers import grouped_matmul as gmm
-from gemini_mini.layers.moe import position_in_expert
+from gemini_mini.layers.grouped_matmul import Implementation
+from gemini_mini.layers.moe_layout import Layout
 
 D, F, E = 8, 16, 4
 ATOL, RTOL = 1e-5, 1e-4
@@ -53,22 +53,25 @@ def _route(params, x_BTD, k):
   return np.argsort(-logits_BTE, axis=-1, kind='stable')[..., :k]
 
 
-def _capacity_kept(experts_BTR, valid_BT, capacity, count_invalid=False):
-  """Which slots capacity dispatch keeps, filling each expert per sequence in priority order:
-  all first choices in token order, then all second choices, ... ``count_invalid`` lets
-  padding take capacity (the wrong behaviour, to show a test can tell the difference)."""
+def _capacity_kept(experts_BTR, valid_BT, capacity, count_invalid=False, choice_major=False):
+  """Which slots capacity dispatch keeps, filling each expert per sequence in token order:
+  token t's choices, then token t+1's. ``count_invalid`` lets padding take capacity, and
+  ``choice_major`` takes every token's first choice before any second choice (GShard's order,
+  which lets a later token take an earlier one's place): wrong behaviours, to show that the
+  tests can tell the difference."""
   batch, length, k = experts_BTR.shape
   kept_BTR = np.zeros((batch, length, k), bool)
+  order = ([(t, r) for r in range(k) for t in range(length)] if choice_major else
+           [(t, r) for t in range(length) for r in range(k)])
   for b in range(batch):
     used = [0] * E
-    for r in range(k):
-      for t in range(length):
-        if not (valid_BT[b, t] or count_invalid):
-          continue
-        e = experts_BTR[b, t, r]
-        if used[e] < capacity:
-          kept_BTR[b, t, r] = bool(valid_BT[b, t])
-          used[e] += 1
+    for t, r in order:
+      if not (valid_BT[b, t] or count_invalid):
+        continue
+      e = experts_BTR[b, t, r]
+      if used[e] < capacity:
+        kept_BTR[b, t, r] = bool(valid_BT[b, t])
+        used[e] += 1
   return kept_BTR
 
 
@@ -122,11 +125,11 @@ def _run(dispatch, k, shared_expert, capacity_factor=1.25, implementation='tiled
          shape=(2, 6), invalid=()):
   """One configuration, module and loop reference, values and gradients, run once per file.
 
-  The module runs jitted with ``grouped_matmul.default_implementation`` patched to
-  ``implementation`` and a spy checking which implementation the dropless path called.
-  """
+  The module runs jitted with the grouped matmul ``implementation``; the traced program shows
+  which one ran (``ragged_dot`` is a primitive of its own, the tiled loop a ``while``)."""
   moe = MoE(D, F, E, k, dispatch=dispatch, capacity_factor=capacity_factor,
-            shared_expert=shared_expert, rngs=nnx.Rngs(seed))
+            shared_expert=shared_expert, grouped_matmul=Implementation(implementation),
+            rngs=nnx.Rngs(seed))
   x_BTD, valid_BT = _inputs(*shape, seed=seed, invalid=invalid)
   dy_BTD = jnp.asarray(np.random.default_rng(seed + 100).normal(size=x_BTD.shape), jnp.float32)
   graphdef, state = nnx.split(moe)
@@ -135,20 +138,12 @@ def _run(dispatch, k, shared_expert, capacity_factor=1.25, implementation='tiled
     y_BTD, aux = nnx.merge(graphdef, state)(x_BTD, valid_BT)
     return jnp.sum(y_BTD * dy_BTD), (y_BTD, aux)
 
-  calls = []
-  real = gmm.grouped_matmul
-
-  def spy(x, w, sizes, implementation):
-    calls.append(implementation)
-    return real(x, w, sizes, implementation)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(gmm, 'default_implementation', lambda: implementation)
-    patch.setattr(gmm, 'grouped_matmul', spy)
-    (_, (y_BTD, aux)), (d_state, dx_BTD) = jax.jit(
-        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x_BTD)
-    tiled = dispatch == 'dropless' and moe.dropless_buffer(math.prod(shape)) == 'tiles'
-  assert set(calls) == ({implementation} if tiled else set())
+  value_and_grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  (_, (y_BTD, aux)), (d_state, dx_BTD) = jax.jit(value_and_grad)(state, x_BTD)
+  program = str(jax.make_jaxpr(value_and_grad)(state, x_BTD))
+  grouped = moe.layout(math.prod(shape)) is Layout.SHARE_AND_TILES
+  assert ('ragged_dot' in program) == (grouped and implementation == 'ragged_dot')
+  assert ('while' in program) == (grouped and implementation == 'tiled')
 
   params = _params(moe)
   valid = np.asarray(valid_BT)
@@ -184,7 +179,7 @@ OVERFLOW = dict(dispatch='capacity', shared_expert=False, capacity_factor=0.5, s
 # (a) Dropless dispatch.
 
 @pytest.mark.parametrize('case', [DROPLESS, DROPLESS_TILED], ids=['few_tokens', 'tiled'])
-@pytest.mark.parametrize('implementation', gmm.IMPLEMENTATIONS)
+@pytest.mark.parametrize('implementation', [i.value for i in Implementation])
 @pytest.mark.parametrize('k, shared_expert', [(1, False), (2, True)])
 def test_dropless_matches_loop_reference(case, implementation, k, shared_expert):
   run = _run(k=k, shared_expert=shared_expert, implementation=implementation, seed=k, **case)
@@ -196,32 +191,21 @@ def test_dropless_matches_loop_reference(case, implementation, k, shared_expert)
 @pytest.mark.parametrize('k, shape, invalid', [(1, (2, 1), ((1, 0),)), (2, (1, 1), ())])
 def test_decoding_few_slots_reads_only_their_experts(k, shape, invalid):
   # X * k slots with 2 X k <= E (decoding a row or two): each slot with its expert's weights.
-  assert MoE(D, F, E, k, dispatch='dropless', rngs=nnx.Rngs(0)).dropless_buffer(
-      math.prod(shape)) == 'slots'
+  assert MoE(D, F, E, k, dispatch='dropless', rngs=nnx.Rngs(0)).layout(
+      math.prod(shape)) is Layout.PER_SLOT
   run = _run(dispatch='dropless', k=k, shared_expert=False, seed=k, shape=shape,
              invalid=invalid)
   _assert_matches_reference(run)
   np.testing.assert_array_equal(run['y_BTD'][~run['valid']], 0.0)
 
 
-def test_dropless_buffer_is_the_smaller_layout(monkeypatch):
-  moe = MoE(D, F, E, 2, dispatch='dropless', rngs=nnx.Rngs(0))
-  monkeypatch.setattr(gmm, 'default_implementation', lambda: 'tiled')  # 128-row tiles
-  # 2 X k <= E (4): per-slot weights. E * X rows against at most X * k + E * 127: equal at 254.
-  assert [moe.dropless_buffer(x) for x in (1, 2, 8, 254, 255, 4096)] == (
-      ['slots'] + ['tokens'] * 3 + ['tiles'] * 2)
-  monkeypatch.setattr(gmm, 'default_implementation', lambda: 'ragged_dot')  # 8-row tiles
-  assert [moe.dropless_buffer(x) for x in (14, 15)] == ['tokens', 'tiles']
-
-
-@pytest.mark.parametrize('implementation', gmm.IMPLEMENTATIONS)
-def test_dropless_extreme_group_sizes(implementation, monkeypatch):
+@pytest.mark.parametrize('implementation', list(Implementation))
+def test_dropless_extreme_group_sizes(implementation):
   # Every token's first choice is expert 0: its group spans more than one tiled tile (128
   # rows) and the other groups are empty. Then no valid token at all: every group is empty.
-  monkeypatch.setattr(gmm, 'default_implementation', lambda: implementation)
-  moe = MoE(D, F, E, 1, dispatch='dropless', rngs=nnx.Rngs(3))
+  moe = MoE(D, F, E, 1, dispatch='dropless', grouped_matmul=implementation, rngs=nnx.Rngs(3))
   x_BTD, valid_BT = _inputs(2, 200, seed=3, invalid=[(1, 198)])
-  assert moe.dropless_buffer(400) == 'tiles'
+  assert moe.layout(400) is Layout.SHARE_AND_TILES
   x_BTD = x_BTD.at[..., 0].set(jnp.abs(x_BTD[..., 0]) + 1.0)
   moe.router.w_DE[...] = moe.router.w_DE[...].at[0, 0].set(20.0)
   params = _params(moe)
@@ -282,20 +266,50 @@ def test_capacity_invalid_tokens_take_no_capacity(k):
   assert not np.allclose(run['y_BTD'], wrong_y_BTD, atol=1e-3)
 
 
-@pytest.mark.parametrize('k', [1, 2, 3])
-def test_position_in_expert_matches_priority_loop(k):
-  rng = np.random.default_rng(k)
-  experts_XR = np.stack([rng.permutation(E)[:k] for _ in range(9)])
-  valid_X = rng.random(9) > 0.3
-  rank_XR, count_E = position_in_expert(jnp.asarray(experts_XR, jnp.int32),
-                                        jnp.asarray(valid_X), E)
-  used = [0] * E
-  for r in range(k):
-    for t in range(9):
-      if valid_X[t]:
-        assert rank_XR[t, r] == used[experts_XR[t, r]], (t, r)
-        used[experts_XR[t, r]] += 1
-  np.testing.assert_array_equal(count_E, used)
+@pytest.mark.parametrize('capacity_factor', [0.25, 0.5, 1.25])
+@pytest.mark.parametrize('k', [1, 2])
+def test_capacity_never_lets_a_later_token_change_an_earlier_output(capacity_factor, k):
+  # Replace the tokens from t on (the future) with new ones, for every t: the outputs before
+  # t stay bit for bit. The example drops slots, and for k = 2 GShard's choice-major order
+  # would have let the same edits change earlier tokens' kept slots.
+  length, rng = 24, np.random.default_rng(7)
+  moe = MoE(D, F, E, k, capacity_factor=capacity_factor, rngs=nnx.Rngs(7))
+  moe.router.w_DE[...] = moe.router.w_DE[...].at[0, 0].add(2.0)  # uneven load: cf 1.25 drops
+  x_BTD, valid_BT = _inputs(2, length, seed=7, invalid=[(1, 3)])
+  x_BTD = x_BTD.at[..., 0].add(1.0)
+  forward = nnx.jit(lambda moe, x_BTD: moe(x_BTD, valid_BT))
+  y_BTD, aux = forward(moe, x_BTD)
+  assert aux['dropped'] > 0
+  params, capacity = _params(moe), moe.capacity(length)
+  experts_BTR = _route(params, x_BTD, k)
+  leaks = changed = 0
+  for t in range(1, length):
+    future = jnp.asarray(rng.normal(size=(2, length - t, D)), jnp.float32).at[..., 0].add(1.0)
+    edited_BTD = x_BTD.at[:, t:].set(future)
+    edited_y_BTD, _ = forward(moe, edited_BTD)
+    np.testing.assert_array_equal(edited_y_BTD[:, :t], y_BTD[:, :t], err_msg=f'edit at {t}')
+    changed += not np.allclose(edited_y_BTD[:, t:], y_BTD[:, t:])
+    old, new = (_capacity_kept(e, np.asarray(valid_BT), capacity, choice_major=True)
+                for e in (experts_BTR, _route(params, edited_BTD, k)))
+    leaks += (old[:, :t] != new[:, :t]).any()
+  assert changed > 0  # the edits reach the outputs they may reach
+  assert leaks > 0 if k == 2 else leaks == 0
+
+
+def test_capacity_keeps_the_first_tokens_whole():
+  # Hand-computed: E = 2, k = 2, cf 0.5, four tokens: C = ceil(0.5 * 4 * 2 / 2) = 2, and
+  # every token routes to both experts, so tokens 0 and 1 fill both experts and tokens 2 and
+  # 3 are dropped whole, whatever they are.
+  moe = MoE(D, F, 2, 2, capacity_factor=0.5, rngs=nnx.Rngs(0))
+  dropless = MoE(D, F, 2, 2, dispatch='dropless', rngs=nnx.Rngs(0))
+  assert moe.capacity(4) == 2
+  x_BTD, valid_BT = _inputs(1, 4, seed=0)
+  y_BTD, aux = moe(x_BTD, valid_BT)
+  np.testing.assert_allclose(y_BTD[:, :2], dropless(x_BTD, valid_BT)[0][:, :2], atol=1e-6)
+  np.testing.assert_array_equal(y_BTD[:, 2:], 0.0)
+  assert aux['dropped'] == 0.5
+  edited_y_BTD, _ = moe(x_BTD.at[:, 3].set(-3 * x_BTD[:, 3]), valid_BT)
+  np.testing.assert_array_equal(edited_y_BTD, y_BTD)
 
 
 @pytest.mark.parametrize('capacity_factor, length, k, expected', [
