@@ -45,9 +45,9 @@ def similar_token_reach(head_dim: int, max_wavelength: float, limit: int) -> int
   """
   theta_h = max_wavelength ** (-np.arange(0, head_dim, 2) / head_dim)
   for start in range(1, limit, 4096):  # chunks: [4096, H / 2] at a time, whatever the limit
-    m_M = np.arange(start, min(start + 4096, limit))
-    margin_M = np.cos(m_M[:, None] * theta_h).sum(axis=1)
-    negative = np.flatnonzero(margin_M < 0)
+    distance_S = np.arange(start, min(start + 4096, limit))  # S: key positions back
+    margin_S = np.cos(distance_S[:, None] * theta_h).sum(axis=1)
+    negative = np.flatnonzero(margin_S < 0)
     if negative.size:
-      return int(m_M[negative[0]])
+      return int(distance_S[negative[0]])
   return limit
