@@ -8,12 +8,15 @@ names are the canonical names used in code, logs and docs.
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
 from typing import Literal
 
 import yaml
+
+from gemini_mini.data.tasks import TASK_NAMES
 
 
 class ConfigError(ValueError):
@@ -96,26 +99,19 @@ class DataConfig:
   """The training mixture (``data/mixture.py``) and the per-row item counts of the batch
   contract (``Batch.patches`` / ``Batch.audio``).
 
-  ``{task}_weight`` is the probability, once normalised, that an example is drawn from that
-  task (``data/tasks.py``): per example, not per token. A task of weight 0 is never read, so
-  its dataset need not be prepared.
+  ``weights`` maps a task of ``data/tasks.py`` to the probability, once normalised, that an
+  example is drawn from it: per example, not per token. A task left out weighs 0 and is never
+  read, so its dataset need not be prepared. ``data.weights.text=0.3`` sets one task's weight
+  and keeps the others.
   """
 
   dir: str = 'data'            # prepared datasets (python -m gemini_mini.data.prepare)
   subset: Literal['full', 'small'] = 'full'  # 'small': a tiny sample that builds in seconds
   num_patches: int = 320       # P: image patches per row (16 per 32 x 32 image or frame)
   num_audio_frames: int = 256  # A: audio frames per row (40 ms each)
-  text_weight: float = 0.55    # documents of the text corpus
-  caption_weight: float = 0.15  # image -> caption
-  speech_weight: float = 0.15  # audio -> transcript
-  video_weight: float = 0.15   # video -> the word shown in one frame, and when
-  haystack_weight: float = 0.0  # documents with hidden key-value needles -> one value
-  arithmetic_weight: float = 0.0  # a sum of 2-3 numbers -> its worked steps
-  audio_haystack_weight: float = 0.0  # speech with one spoken keyword -> the keyword
-  repeat_weight: float = 0.0   # a span of frequent pieces, then the span again (copying)
-  word_frame_weight: float = 0.0  # one video frame showing a word -> the word
-  keyword_weight: float = 0.0  # one spoken keyword utterance alone -> the keyword
-  needle_list_weight: float = 0.0  # needles without filler -> each value by its key
+  # documents, image -> caption, audio -> transcript, video -> the word shown in one frame
+  weights: dict[str, float] = dataclasses.field(default_factory=lambda: {
+      'text': 0.55, 'caption': 0.15, 'speech': 0.15, 'video': 0.15})
   # The first N training steps draw `repeat` examples alone, whatever the weights: the copy
   # (induction) circuit that retrieval needs forms on clean copy data (docs/retrieval.md).
   repeat_only_steps: int = 0
@@ -132,15 +128,17 @@ class DataConfig:
              f'must be >= 0 (0 = the mixture from the first step), got {self.repeat_only_steps}')
     _require(self.repeat_only_until_loss >= 0, 'data.repeat_only_until_loss',
              f'must be >= 0 (0 = no loss condition), got {self.repeat_only_until_loss}')
-    for name, weight in self.weights().items():
-      _require(weight >= 0, f'data.{name}_weight', f'must be >= 0 (0 = unused), got {weight}')
-    _require(sum(self.weights().values()) > 0, 'data.text_weight',
-             'every task weight is 0; give at least one task a positive weight')
-
-  def weights(self) -> dict[str, float]:
-    """Task name -> weight, e.g. ``{'text': 0.55, 'caption': 0.15, ...}``."""
-    return {f.name.removesuffix('_weight'): getattr(self, f.name)
-            for f in dataclasses.fields(self) if f.name.endswith('_weight')}
+    for task, weight in self.weights.items():
+      close = difflib.get_close_matches(str(task), TASK_NAMES, n=1)
+      _require(task in TASK_NAMES, f'data.weights.{task}',
+               f'unknown task{f" (did you mean {close[0]!r}?)" if close else ""}; the tasks '
+               f'of data/tasks.py are {", ".join(TASK_NAMES)}')
+      _require(isinstance(weight, (int, float)) and not isinstance(weight, bool)
+               and math.isfinite(weight) and weight >= 0, f'data.weights.{task}',
+               f'must be a number >= 0 (0 = unused), got {weight!r}')
+    _require(sum(self.weights.values()) > 0, 'data.weights',
+             f'every task weight is 0 ({self.weights}); give at least one task a positive '
+             'weight, e.g. data.weights.text=1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +273,11 @@ def _coerce(key: str, value, annotation):
              f'expected a list like [1, 2], got {type(value).__name__} {value!r}')
     element = typing.get_args(annotation)[0]
     return tuple(_coerce(f'{key}[{i}]', item, element) for i, item in enumerate(value))
+  if typing.get_origin(annotation) is dict:  # dict[str, float]: a YAML mapping
+    _require(isinstance(value, dict), key,
+             f'expected a mapping like {{name: value}}, got {type(value).__name__} {value!r}')
+    element = typing.get_args(annotation)[1]
+    return {name: _coerce(f'{key}.{name}', item, element) for name, item in value.items()}
   if isinstance(annotation, types.UnionType):  # float | None: null, or the other type
     (other,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
     return None if value is None else _coerce(key, value, other)
@@ -299,10 +302,48 @@ def _suggest(name: str, options) -> str:
   return f'; did you mean {close[0]!r}?' if close else f'; valid keys: {sorted(options)}'
 
 
+def _old_weight_task(name: str) -> str | None:
+  """The task of a per-task weight field of configs before ``data.weights`` (``text_weight``
+  -> ``text``), or None."""
+  task = str(name).removesuffix('_weight')
+  return task if task != str(name) and task in TASK_NAMES else None
+
+
+def migrate_saved(raw: dict) -> dict:
+  """``raw`` with the fields ``data.{task}_weight`` folded into ``data.weights``, on top of
+  the default weights as those fields were.
+
+  Configs had one weight field per task until issue 34 replaced them with the mapping
+  ``data.weights`` (after commit c458e85); checkpoints store their config as a dict, so
+  ``from_dict`` applies this and runs saved before still load for eval and resume. ``load``
+  refuses those fields in YAML and overrides instead, naming the new spelling.
+  """
+  data = raw.get('data')
+  if not isinstance(data, dict) or not any(map(_old_weight_task, data)):
+    return raw
+  weights = data.get('weights', DataConfig().weights)
+  weights = {**(weights if isinstance(weights, dict) else {}),
+             **{_old_weight_task(name): value for name, value in data.items()
+                if _old_weight_task(name)}}
+  migrated = {}
+  for name, value in data.items():  # in place of the first, before any 'weights.{task}'
+    if name == 'weights' or _old_weight_task(name):
+      migrated.setdefault('weights', weights)
+    else:
+      migrated[name] = value
+  return {**raw, 'data': migrated}
+
+
 def from_dict(raw: dict, source: str = 'config') -> Config:
-  """Builds a ``Config`` from ``{section: {field: value}}``, rejecting unknown keys."""
+  """Builds a ``Config`` from ``{section: {field: value}}``, rejecting unknown keys.
+
+  A key ``field.entry`` sets one entry of a mapping field (``weights.text: 0.3`` in
+  ``data``) on top of the mapping given before it, or of the default. A config saved by an
+  older version is migrated first (``migrate_saved``).
+  """
   if not isinstance(raw, dict):
     raise ConfigError(f'{source}: expected a mapping of sections, got {type(raw).__name__}')
+  raw = migrate_saved(raw)
   sections = {}
   for section, values in raw.items():
     if section not in _SECTIONS:
@@ -315,9 +356,14 @@ def from_dict(raw: dict, source: str = 'config') -> Config:
     kwargs = {}
     for name, value in values.items():
       key = f'{section}.{name}'
-      if name not in hints:
-        raise ConfigError(f'{key}: unknown key in {source}{_suggest(name, hints)}')
-      kwargs[name] = _coerce(key, value, hints[name])
+      field, dot, entry = str(name).partition('.')
+      if field not in hints:
+        raise ConfigError(f'{key}: unknown key in {source}{_suggest(field, hints)}')
+      if dot:
+        _require(typing.get_origin(hints[field]) is dict, key,
+                 f'{section}.{field} is not a mapping; set it with {section}.{field}=VALUE')
+        value = {**kwargs.get(field, getattr(cls(), field)), entry: value}
+      kwargs[field] = _coerce(f'{section}.{field}', value, hints[field])
     sections[section] = cls(**kwargs)
   return Config(**sections)
 
@@ -353,5 +399,10 @@ def load(path: str | pathlib.Path | None = None, overrides=()) -> Config:
     fields = raw.get(section) or {}
     if not isinstance(fields, dict):
       raise ConfigError(f'{section}: expected a mapping of fields in {source}')
+    fields = {key: old for key, old in fields.items() if key != name}  # the last one wins
     raw[section] = {**fields, name: value}
+  for name in raw['data'] if isinstance(raw.get('data'), dict) else ():
+    task = _old_weight_task(name)
+    _require(task is None, f'data.{name}', f'renamed: write data.weights.{task} '
+             f'(in YAML, data: {{weights: {{{task}: ...}}}})')
   return from_dict(raw, source)

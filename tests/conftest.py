@@ -39,5 +39,5 @@ def tiny_run_dir(small_data_dir, tmp_path_factory):
   run_dir = str(tmp_path_factory.mktemp('tiny_run'))
   loop.run(config_lib.load(TEST_CONFIG, [
       f'data.dir={small_data_dir}', f'train.run_dir={run_dir}', 'train.steps=2',
-      'train.checkpoint_every=2', 'train.eval_every=0', 'data.haystack_weight=0.2']))
+      'train.checkpoint_every=2', 'train.eval_every=0', 'data.weights.haystack=0.2']))
   return run_dir

@@ -1,11 +1,13 @@
 """Config loading, overrides and validation: every bad value is rejected by name."""
 
+import dataclasses
 import pathlib
 
 import pytest
 
 from gemini_mini import config as config_lib
 from gemini_mini.config import ConfigError
+from gemini_mini.data.tasks import TASK_NAMES
 from gemini_mini.layers import similar_token_reach
 
 PRESETS = sorted(pathlib.Path('configs').glob('*.yaml'))
@@ -75,6 +77,17 @@ def test_defaults_without_a_file_are_the_nano_model():
     (['mesh.tensor=0'], 'mesh.tensor', '>= 1 or -1'),
     (['data.num_patches=0'], 'data.num_patches', 'must be positive'),
     (['data.repeat_only_until_loss=-1'], 'data.repeat_only_until_loss', '>= 0'),
+    (['data.weights.txet=1'], 'data.weights.txet', "unknown task (did you mean 'text'?)"),
+    (['data.weights.poetry=1'], 'data.weights.poetry',
+     'the tasks of data/tasks.py are text, caption, speech, video, haystack'),
+    (['data.weights.text=-0.1'], 'data.weights.text', 'must be a number >= 0'),
+    (['data.weights.text=.inf'], 'data.weights.text', 'must be a number >= 0'),
+    (['data.weights.text=many'], 'data.weights.text', 'expected float'),
+    (['data.weights={text: 0, caption: 0}'], 'data.weights', 'every task weight is 0'),
+    (['data.weights={}'], 'data.weights', 'every task weight is 0'),
+    (['data.weights=[text]'], 'data.weights', 'expected a mapping'),
+    (['data.text_weight=0.3'], 'data.text_weight', 'renamed: write data.weights.text'),
+    (['model.d_model.wide=3'], 'model.d_model.wide', 'model.d_model is not a mapping'),
 ])
 def test_bad_values_are_rejected_by_name(overrides, key, hint):
   with pytest.raises(ConfigError) as error:
@@ -114,3 +127,46 @@ def test_bad_files(tmp_path):
 def test_moe_layer_placement():
   model = config_lib.load(None, ['model.num_layers=6', 'model.moe_every=2']).model
   assert [model.is_moe_layer(i) for i in range(6)] == [False, True] * 3
+
+
+def test_task_weights_are_one_mapping_over_the_registered_tasks():
+  assert config_lib.load(None).data.weights == {
+      'text': 0.55, 'caption': 0.15, 'speech': 0.15, 'video': 0.15}
+  one = config_lib.load('configs/nano.yaml', ['data.weights.text=0.3', 'data.weights.keyword=1'])
+  nano = config_lib.load('configs/nano.yaml').data.weights
+  assert one.data.weights == {**nano, 'text': 0.3, 'keyword': 1.0}
+  replaced = config_lib.load('configs/nano.yaml', ['data.weights={needle_list: 2}'])
+  assert replaced.data.weights == {'needle_list': 2.0}
+  every = config_lib.load(None, [f'data.weights.{task}=1' for task in TASK_NAMES])
+  assert tuple(every.data.weights) == TASK_NAMES
+
+
+def test_weights_in_yaml_and_the_old_fields_named_with_the_new_spelling(tmp_path):
+  path = tmp_path / 'mix.yaml'
+  path.write_text('data:\n  weights:\n    text: 0.2\n    repeat: 1\n')
+  assert config_lib.load(path).data.weights == {'text': 0.2, 'repeat': 1.0}
+  path.write_text('data:\n  repeat_weight: 1\n')
+  with pytest.raises(ConfigError, match=r'^data.repeat_weight: renamed: write data.weights.repeat'):
+    config_lib.load(path)
+
+
+def test_a_config_saved_with_one_field_per_task_weight_still_loads():
+  # How a checkpoint saved before data.weights holds nano's config: every task's field.
+  old_fields = {'text_weight': 0.2, 'caption_weight': 0.37, 'speech_weight': 0.12,
+                'video_weight': 0.06, 'haystack_weight': 0.08, 'arithmetic_weight': 0.12,
+                'audio_haystack_weight': 0.05, 'repeat_weight': 0.3, 'word_frame_weight': 0.6,
+                'keyword_weight': 0.0, 'needle_list_weight': 0.0}
+  nano = config_lib.load('configs/nano.yaml')
+  saved = nano.to_dict()
+  del saved['data']['weights']
+  saved['data'].update(old_fields)
+  config = config_lib.from_dict(saved)
+  assert {task: w for task, w in config.data.weights.items() if w} == nano.data.weights
+  assert dataclasses.replace(config, data=dataclasses.replace(
+      config.data, weights=nano.data.weights)) == nano
+  # With an override on top, as eval.py applies them to a saved config.
+  saved['data']['weights.text'] = 0.5
+  assert config_lib.from_dict(saved).data.weights['text'] == 0.5
+  # Fields left out (saved before their task existed) had their defaults.
+  assert config_lib.from_dict({'data': {'haystack_weight': 0.2}}).data.weights == {
+      'text': 0.55, 'caption': 0.15, 'speech': 0.15, 'video': 0.15, 'haystack': 0.2}

@@ -82,7 +82,7 @@ def _open_split(task: tasks_lib.Task, data_dir: str, subset: str, split: str):
                     f'not prepared under {data_dir}; build it with {command}')
   if split not in builder.info.splits:
     raise DataError(f'split {split!r} is not in {builder.name}; use one of '
-                    f'{sorted(builder.info.splits)} (or set data.{task.name}_weight=0)')
+                    f'{sorted(builder.info.splits)} (or set data.weights.{task.name}=0)')
   source = builder.as_data_source(split)
   if not len(source):
     raise DataError(f'split {split!r} of {builder.data_dir} is empty; rebuild it with {command}')

@@ -6,32 +6,37 @@ ms on one core; the whole step of the 8-layer model on an H200 took about 160 ms
 ``Prefetch`` runs the same iterator, in the same order, ``depth`` batches ahead, so the
 batches are exactly the unwrapped iterator's; ``get_state`` and ``position_shares`` are
 those after the last batch handed out, not after the ones built ahead, so a checkpoint
-resumes at the next unread batch.
+resumes at the next unread batch. When a reported loss changes what comes next (the end of
+``curriculum.WarmStart``), the batches built ahead are dropped and built again.
 """
 
 import queue
 import threading
 
 from gemini_mini.batch import Batch
+from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 
 
 class Prefetch:
-  """``next()`` gives the wrapped ``Mixture``'s batches, built ``depth`` ahead in a thread.
+  """``next()`` gives the wrapped iterator's batches, built ``depth`` ahead in a thread.
 
-  The ``Mixture`` belongs to the thread once wrapped: call its ``set_state`` before, and
-  this object's ``get_state`` / ``position_shares`` after. An error the thread meets while
-  building a batch is raised by the ``next()`` that would have returned that batch.
-  ``close()`` stops the thread (the batches built ahead are dropped).
+  The ``Mixture`` or ``WarmStart`` belongs to the thread once wrapped: call its ``set_state``
+  before, and this object's ``get_state`` / ``position_shares`` / ``report_loss`` after. An
+  error the thread meets while building a batch is raised by the ``next()`` that would have
+  returned that batch. ``close()`` stops the thread (the batches built ahead are dropped).
   """
 
-  def __init__(self, source: Mixture, depth: int = 2):
+  def __init__(self, source: Mixture | WarmStart, depth: int = 2):
     if depth < 1:
       raise ValueError(f'depth must be >= 1 (got {depth}); unwrap the Mixture for none')
-    self._source = source
-    self._ready = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
+    self._source, self._depth = source, depth
     self._state, self._shares = source.get_state(), source.position_shares()
+    self._start()
+
+  def _start(self) -> None:
+    self._ready = queue.Queue(maxsize=self._depth)
+    self._stop = threading.Event()
     self._thread = threading.Thread(target=self._build, name='prefetch', daemon=True)
     self._thread.start()
 
@@ -70,6 +75,19 @@ class Prefetch:
   def position_shares(self) -> dict[str, float]:
     """The wrapped iterator's ``position_shares`` after the last batch ``next()`` returned."""
     return self._shares
+
+  def report_loss(self, step: int, loss: float) -> bool:
+    """Tells a ``WarmStart`` source the loss of ``step``, the training step that read the last
+    batch handed out; returns whether that changed the batches to come, which are then built
+    from the changed state."""
+    state = self._source.after_loss(self._state, step, loss)
+    if state is self._state:
+      return False
+    self.close()
+    self._source.set_state(state)
+    self._state, self._shares = state, self._source.position_shares()
+    self._start()
+    return True
 
   def close(self) -> None:
     self._stop.set()

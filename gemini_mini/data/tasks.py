@@ -234,7 +234,7 @@ class Task:
   """One entry of the mixture.
 
   Attributes:
-    name: the task's name; its weight is the config field ``data.{name}_weight``.
+    name: the task's name, its key in the config's ``data.weights``.
     dataset: the module of the prepared dataset it reads (``text_corpus``, ...; see
       ``prepare``), or None for a task that generates its examples (``arithmetic``).
     make_example: ``make_example(next_record, tokenizer, rng, room)`` -> one example, reading

@@ -20,8 +20,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gemini_mini import parallel
-from gemini_mini.config import Config, ConfigError, DataConfig
+from gemini_mini.config import Config, ConfigError
 from gemini_mini.data import prepare
+from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
@@ -81,12 +82,12 @@ class StopRequest:
 EVAL_SEED = 0
 
 
-def make_data(config: Config, split: str, repeat_only: bool = False) -> Mixture:
-  """This process's share of the ``split`` batches of the configured task mixture, or of
-  the ``repeat`` task alone (the warm start, ``data.repeat_only_steps``). Training rows
-  follow ``train.seed``; the ``eval`` split's follow ``EVAL_SEED``."""
+def make_data(config: Config, split: str, weights: dict[str, float] | None = None) -> Mixture:
+  """This process's share of the ``split`` batches of the task mixture ``weights`` (unset,
+  ``data.weights``). Training rows follow ``train.seed``; the ``eval`` split's follow
+  ``EVAL_SEED``."""
   m, d, t = config.model, config.data, config.train
-  weights = {'repeat': 1.0} if repeat_only else d.weights()
+  weights = d.weights if weights is None else weights
   seed = t.seed if split == 'train' else EVAL_SEED
   return Mixture(d.dir, split, weights, batch_size=t.batch_size, seq_len=t.seq_len,
                  seed=seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
@@ -94,18 +95,12 @@ def make_data(config: Config, split: str, repeat_only: bool = False) -> Mixture:
                  process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def warm_start_ends(data: DataConfig, step: int, copy_loss: float) -> bool:
-  """Whether training step ``step + 1`` reads the mixture, given that step ``step`` (whose
-  cross entropy, the copy loss, was ``copy_loss``) read repeats alone.
-
-  Repeats alone for ``data.repeat_only_steps`` steps; with ``data.repeat_only_until_loss``,
-  on until a step's copy loss falls below it (the copy circuit has formed), but for no more
-  than twice ``data.repeat_only_steps`` steps in all.
-  """
-  if step < data.repeat_only_steps:
-    return False
-  return (not data.repeat_only_until_loss or copy_loss < data.repeat_only_until_loss
-          or step >= 2 * data.repeat_only_steps)
+def make_train_data(config: Config) -> WarmStart:
+  """The training batches: the ``repeat`` task alone for the warm start
+  (``data.repeat_only_steps``), then the mixture."""
+  d = config.data
+  return WarmStart(make_data(config, 'train', {'repeat': 1.0}), make_data(config, 'train'),
+                   steps=d.repeat_only_steps, until_loss=d.repeat_only_until_loss)
 
 
 def global_data_state(data: Prefetch) -> dict:
@@ -146,23 +141,18 @@ def run(config: Config) -> dict:
   checkpointer = Checkpointer(run_dir / 'checkpoints', keep=t.keep_checkpoints,
                               config=config.to_dict())
   if is_chief:  # builds the dataset on first use; the other processes wait for it
-    prepare.ensure(config.data.dir, config.data.subset, config.data.weights())
+    prepare.ensure(config.data.dir, config.data.subset, config.data.weights)
   multihost_utils.sync_global_devices('data prepared')
   graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
+  train_data = make_train_data(config)
   if checkpointer.latest_step() is not None:
     start, state, data_state = checkpointer.restore(abstract)
-    # The saved iterator is the one the next step reads: the warm start's if it holds
-    # repeats alone (when the mixture itself is repeats alone, the two are the same).
-    repeat_only = data_state['tasks'] == ['repeat']
-    train_data = make_data(config, 'train', repeat_only)
     train_data.set_state(data_state)
-    train_data = Prefetch(train_data)
     message = f'resuming from step {start}'
   else:
     start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
-    repeat_only = config.data.repeat_only_steps > 0
-    train_data = Prefetch(make_data(config, 'train', repeat_only))
     message = 'starting'
+  train_data = Prefetch(train_data)
   if is_chief:
     print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
           f'metrics.jsonl); mesh {dict(mesh.shape)}', flush=True)
@@ -213,15 +203,12 @@ def run(config: Config) -> dict:
         if writer:
           writer.write(step, values)
         last = {'step': step, **values}
-      # Swapped before the save, so a checkpoint holds the iterator its next step reads.
-      copy_loss = float(step_metrics['cross_entropy']) if repeat_only else None
-      if repeat_only and warm_start_ends(config.data, step, copy_loss):
-        repeat_only = False
-        train_data.close()
-        train_data = Prefetch(make_data(config, 'train'))
-        if is_chief:
-          progress.write(f'step {step}: repeats alone end at copy loss {copy_loss:.3f}; '
-                         'the mixture begins')
+      # The warm start may end here (data/curriculum.py): before the save, so a checkpoint
+      # holds the iterator state its next step reads.
+      cross_entropy = float(step_metrics['cross_entropy'])
+      if train_data.report_loss(step, cross_entropy) and is_chief:
+        progress.write(f'step {step}: repeats alone end at copy loss {cross_entropy:.3f}; '
+                       'the mixture begins')
       if step % t.checkpoint_every == 0 or step == t.steps:
         checkpointer.save(step, state, global_data_state(train_data))
         saved_step = step

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from gemini_mini.batch import Modality, check_batch
-from gemini_mini.config import DataConfig
 from gemini_mini.data import (arithmetic, examples, image_caption, mixture, needles, tasks,
                               text_corpus, video_clips)
 from gemini_mini.data.mixture import DataError, Mixture
@@ -61,10 +60,6 @@ def segments_of(batch, row):
            batch.audio[row][audio_used:audio_used + num_audio])
     patches_used += num_patches
     audio_used += num_audio
-
-
-def test_task_names_are_the_config_weights():
-  assert tuple(DataConfig().weights()) == tasks.TASK_NAMES
 
 
 def test_batches_honour_the_contract_and_hold_whole_examples(small_data_dir):

@@ -14,9 +14,8 @@ import pytest
 
 from gemini_mini import config as config_lib
 from gemini_mini import parallel
-from gemini_mini.config import DataConfig
 from gemini_mini.train.checkpoint import Checkpointer
-from gemini_mini.train.loop import make_data, warm_start_ends
+from gemini_mini.train.loop import make_data, make_train_data
 from gemini_mini.train.optimizer import make_optimizer
 from gemini_mini.train.step import abstract_train_state
 
@@ -91,10 +90,12 @@ def test_a_run_writes_metrics_tensorboard_and_checkpoints_and_learns(small_data_
 
 def test_the_warm_start_reads_the_repeat_task_alone(small_data_dir):
   config = config_lib.load(ROOT / 'configs/test.yaml', [
-      f'data.dir={small_data_dir}', 'data.repeat_only_steps=3', 'data.repeat_weight=0.5'])
-  assert make_data(config, 'train', repeat_only=True).get_state()['tasks'] == ['repeat']
+      f'data.dir={small_data_dir}', 'data.repeat_only_steps=3', 'data.weights.repeat=0.5'])
+  train = make_train_data(config)
+  assert train.get_state()['tasks'] == ['repeat']
+  train.set_state(train.after_loss(train.get_state(), 3, 9.0))
   mixture = ['text', 'caption', 'speech', 'video', 'repeat']
-  assert make_data(config, 'train').get_state()['tasks'] == mixture
+  assert train.get_state()['tasks'] == mixture
   assert make_data(config, 'eval').get_state()['tasks'] == mixture
 
 
@@ -105,18 +106,6 @@ def test_held_out_rows_are_the_same_for_every_training_seed(small_data_dir):
   np.testing.assert_array_equal(eval_rows[0], eval_rows[1])
   train_rows = [next(make_data(load(seed), 'train')).tokens for seed in (0, 1)]
   assert not np.array_equal(train_rows[0], train_rows[1])
-
-
-def test_the_warm_start_ends_after_its_steps_or_when_the_copy_loss_falls():
-  fixed = DataConfig(repeat_only_steps=3)
-  assert [warm_start_ends(fixed, step, copy_loss=5.0) for step in (1, 2, 3, 4)] == [
-      False, False, True, True]
-  until = DataConfig(repeat_only_steps=3, repeat_only_until_loss=0.25)
-  assert not warm_start_ends(until, 2, copy_loss=0.1)  # never before repeat_only_steps
-  assert warm_start_ends(until, 3, copy_loss=0.2)
-  assert not warm_start_ends(until, 3, copy_loss=0.25)  # strictly below
-  assert not warm_start_ends(until, 5, copy_loss=2.0)
-  assert warm_start_ends(until, 6, copy_loss=2.0)  # twice the steps, whatever the loss
 
 
 @pytest.mark.slow
