@@ -313,8 +313,8 @@ def migrate_saved(raw: dict) -> dict:
   """``raw`` with the fields ``data.{task}_weight`` folded into ``data.weights``, on top of
   the default weights as those fields were.
 
-  Configs had one weight field per task until issue 34 replaced them with the mapping
-  ``data.weights`` (after commit c458e85); checkpoints store their config as a dict, so
+  Configs had one weight field per task until commit fbbc84c (issue 34) replaced them with
+  the mapping ``data.weights``; checkpoints store their config as a dict, so
   ``from_dict`` applies this and runs saved before still load for eval and resume. ``load``
   refuses those fields in YAML and overrides instead, naming the new spelling.
   """
