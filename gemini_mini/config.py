@@ -16,7 +16,6 @@ from typing import Literal
 
 import yaml
 
-from gemini_mini.data.tasks import TASK_NAMES
 
 
 class ConfigError(ValueError):
@@ -94,6 +93,14 @@ class ModelConfig:
     return self.num_experts > 0 and (layer + 1) % self.moe_every == 0
 
 
+def _task_names() -> tuple[str, ...]:
+  """The task registry's names, imported when a data config is checked: importing
+  ``config`` (as ``model.py`` does) pulls in no data code."""
+  from gemini_mini.data.tasks import TASK_NAMES  # pylint: disable=import-outside-toplevel
+  return TASK_NAMES
+
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """The training mixture (``data/mixture.py``) and the per-row item counts of the batch
@@ -128,11 +135,12 @@ class DataConfig:
              f'must be >= 0 (0 = the mixture from the first step), got {self.repeat_only_steps}')
     _require(self.repeat_only_until_loss >= 0, 'data.repeat_only_until_loss',
              f'must be >= 0 (0 = no loss condition), got {self.repeat_only_until_loss}')
+    task_names = _task_names()
     for task, weight in self.weights.items():
-      close = difflib.get_close_matches(str(task), TASK_NAMES, n=1)
-      _require(task in TASK_NAMES, f'data.weights.{task}',
+      close = difflib.get_close_matches(str(task), task_names, n=1)
+      _require(task in task_names, f'data.weights.{task}',
                f'unknown task{f" (did you mean {close[0]!r}?)" if close else ""}; the tasks '
-               f'of data/tasks.py are {", ".join(TASK_NAMES)}')
+               f'of data/tasks.py are {", ".join(task_names)}')
       _require(isinstance(weight, (int, float)) and not isinstance(weight, bool)
                and math.isfinite(weight) and weight >= 0, f'data.weights.{task}',
                f'must be a number >= 0 (0 = unused), got {weight!r}')
@@ -247,7 +255,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
-  data: DataConfig = DataConfig()
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)  # checked when made
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
@@ -306,7 +314,7 @@ def _old_weight_task(name: str) -> str | None:
   """The task of a per-task weight field of configs before ``data.weights`` (``text_weight``
   -> ``text``), or None."""
   task = str(name).removesuffix('_weight')
-  return task if task != str(name) and task in TASK_NAMES else None
+  return task if task != str(name) and task in _task_names() else None
 
 
 def migrate_saved(raw: dict) -> dict:
