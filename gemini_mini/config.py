@@ -50,7 +50,7 @@ class ModelConfig:
   attention_chunk: int = 256     # block size of the chunked kernel
   attention_window: int = 0      # local attention window in positions; 0 = global
   # RoPE's longest wavelength; 500,000 covers max_length at head_dim 64
-  # (layers.similar_token_reach, docs/retrieval.md)
+  # (layers.similar_token_reach, docs/retrieval.md#rope-wavelength)
   rope_max_wavelength: float = 500_000.0
   patch_dim: int = 192           # flattened image patch (8 x 8 x 3)
   audio_dim: int = 320           # stacked log-mel frames (4 x 80)
@@ -120,11 +120,12 @@ class DataConfig:
   weights: dict[str, float] = dataclasses.field(default_factory=lambda: {
       'text': 0.55, 'caption': 0.15, 'speech': 0.15, 'video': 0.15})
   # The first N training steps draw `repeat` examples alone, whatever the weights: the copy
-  # (induction) circuit that retrieval needs forms on clean copy data (docs/retrieval.md).
+  # (induction) circuit that retrieval needs forms on clean copy data
+  # (docs/retrieval.md#the-copy-circuit).
   repeat_only_steps: int = 0
   # With a loss > 0, repeats alone go on after those steps until a step's cross entropy (the
   # copy loss) falls below it, for at most twice as many steps in all: the step at which the
-  # circuit forms varies with the seed (155 to 190 in nano runs).
+  # circuit forms varies with the seed.
   repeat_only_until_loss: float = 0.0
 
   def __post_init__(self):

@@ -27,7 +27,7 @@ def log_uniform(rng: np.random.Generator, least: int, most: int) -> int:
   """An integer in ``[least, most]`` (``1 <= least <= most``), log-uniform: as likely in
   ``[n, 2n)`` as in ``[2n, 4n)``. Haystack lengths are drawn this way: short haystacks teach
   retrieval fastest and pack several to a row, and the long ones still cover the row
-  (docs/retrieval.md)."""
+  (docs/retrieval.md#haystack-lengths-and-depths)."""
   return min(int(np.exp(rng.uniform(np.log(least), np.log(most + 1)))), most)
 
 

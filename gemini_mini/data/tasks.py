@@ -154,15 +154,13 @@ def haystack_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.rand
   Depths follow the arcsine distribution, Beta(1/2, 1/2): a fifth of the needles in the first
   tenth of the filler and a fifth in the last, a tenth each with uniform depths. A needle
   right before its question (the eval's depth 1) or right after ``<bos>`` (depth 0) was
-  rare in training and recalled worst; from the same 200 steps of repeats, 259 steps of
-  haystacks with these depths recalled 82% of 450 eval items (512-2,048 tokens, 5 depths)
-  against 63% with uniform ones (docs/retrieval.md).
+  rare in training and recalled worst; arcsine depths train both ends, and raised recall
+  at every depth (docs/retrieval.md#haystack-lengths-and-depths).
 
   The length is log-uniform (``examples.log_uniform``): as many haystacks of 256-512
   positions as of 1,024-2,048. Short ones teach retrieval fastest and pack several to a row;
-  with lengths uniform instead, 400 steps of 2 x 2,048 rows left the value's digits at 14%
-  at 2,048 positions, against 46%. A quarter of haystacks filling the whole row instead, for
-  longer needle-to-question distances, made the nano run's recall worse (docs/retrieval.md)."""
+  haystacks filling the whole row, for longer needle-to-question distances, made recall
+  worse (docs/retrieval.md#haystack-lengths-and-depths)."""
   shortest = min(MIN_HAYSTACK, room.positions)
   total = log_uniform(rng, shortest, room.positions)
   count = int(rng.integers(1, max(1, min(MAX_NEEDLES, total // 64)) + 1))
@@ -202,7 +200,7 @@ def video_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.random.
 
 def word_frame_example(next_record: NextRecord, tokenizer: Tokenizer, rng, room: Room) -> Example:
   """A clip's word frame alone, about 25 positions: the recognition step of the video task,
-  dozens to a row where a video gives one (docs/retrieval.md)."""
+  dozens to a row where a video gives one (docs/retrieval.md#video-haystack)."""
   del rng, room
   record = next_record()
   frame = record['frames'][int(record['word_second'])]
@@ -216,7 +214,7 @@ def needle_list_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.r
   them, then a question about each in a random order: a text haystack reduced to its
   key-matching step. In a haystack most positions are filler and most haystacks hold 1-4
   needles, where answering with any needle's value is often right; here every answer's first
-  digit needs the asked key (docs/retrieval.md, multi-needle)."""
+  digit needs the asked key (docs/retrieval.md#multi-needle)."""
   del next_record
   count = int(rng.integers(2, MAX_LISTED_NEEDLES + 1))
   keys = needles.draw_keys(rng, 'train', count)

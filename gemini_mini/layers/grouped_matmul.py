@@ -6,7 +6,7 @@ constructor argument, by default the platform's (``Implementation.default()``):
 
 * ``RAGGED_DOT``: ``jax.lax.ragged_dot``, for GPU and TPU. On CPU it lowers to a masked dense
   matmul against every group (E times the work). On GPU it was slower than the capacity
-  dispatch's one batched einsum (docs/benchmarks.md#moe-dispatch), so GPU presets use capacity.
+  dispatch's one batched einsum (docs/benchmarks.md#dropless-on-a-gpu), so GPU presets use capacity.
 * ``TILED``: for CPU. Rows are laid out so that every group size is a multiple of the tile;
   a loop takes one tile at a time and multiplies it by its group's matrix, up to the last
   tile in use (the rows may be a loose static bound). The backward pass is written by hand so
