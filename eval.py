@@ -13,10 +13,10 @@ import sys
 
 from gemini_mini import config as config_lib
 from gemini_mini import evals
+from gemini_mini.checkpoint import CheckpointError
 from gemini_mini.data.mixture import DataError
 from gemini_mini.data.sources import MissingSourceError
 from gemini_mini.infer.load import load
-from gemini_mini.train.checkpoint import CheckpointError
 
 INPUT_ERRORS = (config_lib.ConfigError, CheckpointError, DataError, MissingSourceError)
 

@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from gemini_mini import config as config_lib
+from gemini_mini.checkpoint import CheckpointError
 from gemini_mini.data.mixture import DataError
 from gemini_mini.data.sources import CorruptSourceError, MissingSourceError
-from gemini_mini.train.checkpoint import CheckpointError
 from gemini_mini.train.loop import NonFiniteLoss, run
 
 # Bad input of any kind: exit 2 with a last line that names the problem and the fix.

@@ -4,66 +4,40 @@ Saves are asynchronous (training continues while arrays are written) and atomic:
 into a temporary directory and renames it when complete, so a crash mid-save leaves the
 previous checkpoint as the latest usable one. The last ``keep`` checkpoints are kept.
 Restoring takes the target shardings from an abstract state, so a run can resume on a
-different mesh. A checkpoint whose config differs in a field that changes shapes or the data
-stream is refused with the differing fields named.
+different mesh. A resume is refused, with the fix named, when the saved parameter tree is not
+the one the config builds (``gemini_mini.checkpoint.check_params``) or when the config would
+read another data stream or give a step another meaning (``RESUME_MUST_MATCH``).
 """
 
 import pathlib
 
 import orbax.checkpoint as ocp
 
-# Fields that must match to resume: they change parameter shapes, the data stream, or what a
-# "step" means. Everything else (steps, learning rate, logging, mesh, kernels, dispatch,
-# dtype, remat, where the data lives) may change on resume.
-MUST_MATCH = (
-    'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
-    'model.num_kv_heads', 'model.head_dim', 'model.d_ff', 'model.num_experts',
-    'model.experts_per_token', 'model.moe_every', 'model.shared_expert', 'model.patch_dim',
-    'model.audio_dim', 'model.scan_layers', 'data.subset', 'data.num_patches',
-    'data.num_audio_frames',
+from gemini_mini.checkpoint import ITEMS, CheckpointError, check_params, read_config, remedy
+from gemini_mini.config import ModelConfig
+
+# What a resumed run must share with the saved one besides its parameter tree: the rows it
+# reads and what a step means. The other fields (steps, learning rate, logging, mesh, where
+# the data lives) may change on resume, and so may model fields that leave the tree as saved.
+RESUME_MUST_MATCH = (
+    'data.subset', 'data.num_patches', 'data.num_audio_frames', 'data.weights',
     'train.batch_size', 'train.seq_len', 'train.seed', 'train.grad_accum_steps')
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used; the message names the reason and the fix."""
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """``'section.field: saved -> current'`` for every ``MUST_MATCH`` field that differs."""
-  differences = []
-  for key in MUST_MATCH:
+def stream_differences(saved: dict, current: dict) -> dict[str, tuple]:
+  """``{'section.field': (saved, current)}`` for every ``RESUME_MUST_MATCH`` field that
+  differs, by task for the weights (``'data.weights.text'``; a task left out weighs 0)."""
+  differences = {}
+  for key in RESUME_MUST_MATCH:
     section, field = key.split('.')
     old, new = saved.get(section, {}).get(field), current.get(section, {}).get(field)
-    if old != new:
-      differences.append(f'{key}: {old!r} -> {new!r}')
+    if isinstance(old, dict) and isinstance(new, dict):
+      differences.update({f'{key}.{task}': (old.get(task, 0), new.get(task, 0))
+                          for task in sorted(old.keys() | new.keys())
+                          if old.get(task, 0) != new.get(task, 0)})
+    elif old != new:
+      differences[key] = (old, new)
   return differences
-
-
-def read_config(directory: str | pathlib.Path) -> tuple[int, dict]:
-  """``(step, config dict)`` of the latest complete checkpoint under ``directory``.
-
-  Raises:
-    CheckpointError: no complete checkpoint there, or its config cannot be read.
-  """
-  directory = pathlib.Path(directory).absolute()
-  if not directory.is_dir():
-    raise CheckpointError(f'{directory}: no such checkpoint directory; pass the train.run_dir '
-                          'of a run (it holds checkpoints/), or train one with train.py')
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f'{directory}: no complete checkpoint; train longer than '
-                            'train.checkpoint_every steps, or pass another run')
-    try:
-      saved = manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))['config']
-    except Exception as error:  # Orbax raises many types for unreadable files
-      raise CheckpointError(f'{directory}/{step}: cannot read the saved config ({error}); '
-                            'delete this step directory to fall back to an earlier one') from error
-  finally:
-    manager.close()
-  return step, saved
 
 
 class Checkpointer:
@@ -76,7 +50,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True, cleanup_tmp_directories=True),
-        item_names=('state', 'data', 'config'))
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -90,20 +64,14 @@ class Checkpointer:
   def restore(self, abstract_state):
     """``(step, state, data_state)`` from the latest checkpoint, placed as ``abstract_state``
     (a pytree of ``jax.ShapeDtypeStruct`` with shardings) says."""
-    step = self.latest_step()
-    if step is None:
-      raise CheckpointError(f'{self.directory}: no complete checkpoint to restore')
-    try:
-      saved_config = self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))['config']
-    except Exception as error:  # Orbax raises many types for unreadable files
-      raise CheckpointError(f'{self.directory}/{step}: cannot read the saved config ({error}); '
-                            'delete this step directory to fall back to an earlier one') from error
-    differences = config_differences(saved_config, self.config)
+    step, saved = read_config(self.directory)
+    check_params(self.directory, step, saved.get('model', {}), ModelConfig(**self.config['model']),
+                 action='resume', otherwise='start a new train.run_dir')
+    differences = stream_differences(saved, self.config)
     if differences:
-      raise CheckpointError(
-          f'{self.directory}: checkpoint step {step} was written by an incompatible config: '
-          + '; '.join(differences) + '. Use a new train.run_dir, or restore those values.')
+      raise CheckpointError(f'{self.directory}: resuming checkpoint step {step} would read '
+                            'another data stream: '
+                            + remedy(differences, 'resume', 'start a new train.run_dir'))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
