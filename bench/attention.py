@@ -47,7 +47,7 @@ def compiled_step(kernel: str, length: int, chunk_size: int):
   graphdef, params = nnx.split(layer)
 
   def loss(params, x_BTD, segment_ids_BT, positions_BT):
-    y_BTD, _ = nnx.merge(graphdef, params)(x_BTD, segment_ids_BT, positions_BT)
+    y_BTD = nnx.merge(graphdef, params)(x_BTD, segment_ids_BT, positions_BT)
     return jnp.sum(jnp.square(y_BTD))
 
   args = (params, jax.random.normal(jax.random.key(0), (1, length, NANO['d_model'])),

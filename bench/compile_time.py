@@ -4,8 +4,8 @@ For each depth and mode the real train step (``train.step.make_train_step`` + ``
 loss, gradients, clipping, AdamW, shardings, donation) is traced and lowered
 (``jax.jit(...).lower``) and compiled (``.compile()``) from the abstract train state
 (``abstract_train_state``, shapes only: no parameter is allocated) and an abstract batch.
-Unscanned, the program holds every block; scanned, one group of ``moe_every`` blocks inside a
-``lax.scan``, so its size should not grow with depth.
+Unscanned, the program holds every block; scanned, one group of ``moe_every`` blocks inside an
+``nnx.scan``, so its size should not grow with depth.
 
 Width defaults to the preset's (pro: d_model 1024, 16 experts, seq_len 4096); ``--small``
 uses the nano width (d_model 256, 8 experts, seq_len 512), which compiles in seconds on CPU.

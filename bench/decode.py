@@ -68,7 +68,7 @@ def time_prefill(decoder, prompts, tokenizer, new_tokens: int, repeats: int) -> 
     needed = batch.tokens.shape[1] + new_tokens
     bucket = generate_lib.CACHE_BUCKET
     cache_length = min(-(-needed // bucket) * bucket, config.max_length)
-    graphdef, state = nnx.split(decoder)
+    graphdef, state = generate_lib._dropless_graphdef(config), nnx.state(decoder)
     run = lambda: jax.block_until_ready(generate_lib._prefill(graphdef, state, batch, cache_length))
     run()  # compiled by the warm-up generate already; this one only warms caches
     best = float('inf')
@@ -158,8 +158,8 @@ def main():
   print(f'shape: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads / '
         f'{m.num_kv_heads} kv heads, head_dim {m.head_dim}, {m.num_experts} experts top-'
         f'{m.experts_per_token}, d_ff {m.d_ff}, vocab {m.vocab_size}; gemini_mini dtype '
-        f'{m.dtype}, dispatch {m.moe_dispatch}; prompt {args.prompt}, new {args.new}, greedy, '
-        f'batches {batches}, best of {args.repeats}')
+        f'{m.dtype}, dispatch dropless (generate decodes with it); prompt {args.prompt}, new '
+        f'{args.new}, greedy, batches {batches}, best of {args.repeats}')
   print(common.describe(common.environment()))
 
   tokenizer = Tokenizer()

@@ -6,16 +6,15 @@
       x = x + ffn(norm(x))                  # gated MLP, or top-k MoE every moe_every-th layer
     logits = unembed(norm(x))               # float32 logits_BTV
 
-With ``model.scan_layers`` the blocks are stacked instead: groups of ``moe_every`` blocks
-(``moe_every - 1`` dense, then one MoE; one block per group for a dense model) whose
-parameters carry a leading ``layers`` axis, run by one ``lax.scan`` over the groups, so the
-compiled program holds one group whatever the depth. The parameters, logits, aux and caches
-equal the unrolled loop's (``stack_layers`` converts a state between the two layouts).
+With ``model.scan_layers`` the blocks are stacked instead, Flax NNX's way: ``nnx.vmap``
+creates the groups of ``moe_every`` blocks (``moe_every - 1`` dense, then one MoE; one block
+per group for a dense model) with a leading ``layers`` axis on every parameter, and
+``nnx.scan`` runs them, so the compiled program holds one group whatever the depth. The
+logits, aux and caches equal the unrolled loop's for the same parameters; the parameters a
+seed gives differ (each group draws from its own split of the seed's streams).
 
 This is the only module that reads ``ModelConfig``; every layer below takes plain dimensions.
 """
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +61,16 @@ class DecoderBlock(nnx.Module):
     else:
       self.ffn = GatedMLP(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None):
-    """Returns ``(x_BTD, moe_aux or None, cache)``."""
-    h_BTD, cache = self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache)
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, *,
+               prefill: bool = False):
+    """Returns ``(x_BTD, moe_aux or None, cache)``. With a ``cache`` the attention is
+    ``Attention.prefill`` (``prefill``: the cache is empty) or ``Attention.decode``."""
+    h_BTD = self.attention_norm(x_BTD)
+    if cache is None:
+      h_BTD = self.attention(h_BTD, segment_ids_BT, positions_BT)
+    else:
+      attend = self.attention.prefill if prefill else self.attention.decode
+      h_BTD, cache = attend(h_BTD, segment_ids_BT, positions_BT, cache)
     x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
     moe_aux = None
     if isinstance(self.ffn, MoE):
@@ -75,100 +81,16 @@ class DecoderBlock(nnx.Module):
 
 
 class BlockGroup(nnx.Module):
-  """``group_size`` consecutive blocks starting at layer ``first_layer``: one scan step.
+  """``group_size`` consecutive blocks: one scan step. In a scanned ``Decoder`` every
+  parameter carries a leading ``[num_groups]`` axis (``nnx.vmap`` made them)."""
 
-  Inside a scanned ``Decoder`` every parameter carries a leading ``[num_groups]`` axis.
-  """
-
-  def __init__(self, config: ModelConfig, *, first_layer: int, rngs: nnx.Rngs):
-    self.blocks = nnx.List([
-        DecoderBlock(config, use_moe=config.is_moe_layer(first_layer + j), rngs=rngs)
-        for j in range(group_size(config))])
-
-
-def _set_layers_axis(tree, present: bool):
-  """Adds (``present``) or removes the leading ``layers`` name of every variable's logical
-  axes (``out_sharding``), in place."""
-  for variable in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    if not isinstance(variable, nnx.Variable):
-      continue
-    names = variable.get_metadata().get('out_sharding')
-    if not names:
-      continue
-    if present and names[0] != LAYERS_AXIS:
-      variable.set_metadata(out_sharding=(LAYERS_AXIS, *names))
-    elif not present and names[0] == LAYERS_AXIS:
-      variable.set_metadata(out_sharding=tuple(names[1:]))
-  return tree
-
-
-def _stack(leaves):
-  """One leaf from per-group leaves: arrays (or ``nnx.Variable``s) stacked on a new axis 0."""
-  if isinstance(leaves[0], nnx.Variable):
-    stacked = leaves[0].replace(jnp.stack([leaf[...] for leaf in leaves]))
-    return _set_layers_axis(stacked, present=True)
-  return jnp.stack(leaves)
-
-
-def _stacked_groups(config: ModelConfig, rngs: nnx.Rngs) -> BlockGroup:
-  """The blocks as one ``BlockGroup`` with stacked parameters. They are created one by one in
-  layer order, as the unscanned decoder creates them, so the same seed gives the same values;
-  under ``jit`` / ``eval_shape`` the per-group copies are intermediates."""
-  size = group_size(config)
-  groups = [BlockGroup(config, first_layer=g * size, rngs=rngs) for g in range(num_groups(config))]
-  graphdef = nnx.graphdef(groups[0])
-  states = [dict(nnx.to_flat_state(nnx.state(group))) for group in groups]
-  stacked = {path: _stack([state[path] for state in states]) for path in states[0]}
-  return nnx.merge(graphdef, nnx.from_flat_state(stacked))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StackedKVCache:
-  """The KV caches of a scanned decoder, stacked like its parameters.
-
-  ``members[j]`` is a ``KVCache`` whose arrays carry a leading group axis: index ``g`` holds
-  layer ``g * group_size + j``. ``cache[i]`` (a slice) and ``len(cache)`` read it like the
-  unscanned decoder's tuple of per-layer caches.
-  """
-
-  members: tuple[KVCache, ...]
-
-  @property
-  def empty(self) -> bool:
-    return all(member.empty for member in self.members)
-
-  def marked_written(self) -> 'StackedKVCache':
-    """The same arrays with ``empty`` off: the structure of this cache after an append."""
-    return StackedKVCache(tuple(dataclasses.replace(m, empty=False) for m in self.members))
-
-  def __len__(self) -> int:
-    return len(self.members) * self.members[0].end.shape[0]
-
-  def __getitem__(self, layer: int) -> KVCache:
-    if not -len(self) <= layer < len(self):
-      raise IndexError(f'layer {layer} of a {len(self)}-layer cache')
-    group, member = divmod(layer % len(self), len(self.members))
-    return jax.tree.map(lambda a: a[group], self.members[member])
-
-  @property
-  def nbytes(self) -> int:
-    return sum(member.nbytes for member in self.members)
-
-  def group(self, g: jax.Array) -> tuple[KVCache, ...]:
-    """Group ``g``'s per-layer caches (``g`` may be traced)."""
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False),
-                        self.members)
-
-  def with_group(self, g: jax.Array, caches: tuple[KVCache, ...]) -> 'StackedKVCache':
-    """This cache with group ``g`` replaced by ``caches`` (in place inside a loop carry)."""
-    return StackedKVCache(jax.tree.map(
-        lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, g, 0),
-        self.members, tuple(caches)))
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([DecoderBlock(config, use_moe=config.is_moe_layer(j), rngs=rngs)
+                            for j in range(group_size(config))])
 
 
 class Decoder(nnx.Module):
-  """``decoder(batch) -> (logits_BTV, aux)``; ``decoder.decode(batch, cache)`` for inference.
+  """``decoder(batch) -> (logits_BTV, aux)``; ``prefill`` and ``decode`` for inference.
 
   ``aux`` (all float32): ``load_balance`` and ``router_z`` averaged over MoE layers (0 for a
   dense model); per MoE layer L: ``dropped_L`` (fraction of routed slots dropped),
@@ -187,7 +109,11 @@ class Decoder(nnx.Module):
     self.image = FeatureEmbed(config.patch_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
     self.audio = FeatureEmbed(config.audio_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
     if config.scan_layers:
-      self.groups = _stacked_groups(config, rngs)
+      @nnx.split_rngs(splits=num_groups(config))
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+      def stacked_groups(rngs):
+        return BlockGroup(config, rngs=rngs)
+      self.groups = stacked_groups(rngs)
     else:
       self.blocks = nnx.List([
           DecoderBlock(config, use_moe=config.is_moe_layer(i), rngs=rngs)
@@ -210,85 +136,76 @@ class Decoder(nnx.Module):
     return x_BTD
 
   def __call__(self, batch: Batch) -> tuple[jax.Array, dict]:
-    logits_BTV, moe_aux, _ = self._forward(batch, None)
-    return logits_BTV, self._collect_aux(moe_aux, batch)
+    x_BTD, moe_aux, _ = self._blocks(self.embed(batch), batch)
+    return self._logits(x_BTD), self._collect_aux(moe_aux, batch)
 
-  def init_cache(self, batch_size: int, max_length: int) -> tuple[KVCache, ...] | StackedKVCache:
-    """Empty KV caches, one per layer, for ``decode`` (a ``StackedKVCache`` when scanned)."""
+  def init_cache(self, batch_size: int, max_length: int) -> tuple[KVCache, ...]:
+    """Empty KV caches for ``prefill``: one per layer, or when scanned one per block of a
+    group whose arrays carry a leading ``[num_groups]`` axis (index g: layer
+    ``g * group_size + j``)."""
     c = self.config
     create = lambda: KVCache.create(batch_size, max_length, c.num_kv_heads, c.head_dim,
                                     compute_dtype(c))
     if not c.scan_layers:
       return tuple(create() for _ in range(c.num_layers))
-    stacked = lambda a: jnp.zeros((num_groups(c), *a.shape), a.dtype)
-    return StackedKVCache(tuple(jax.tree.map(stacked, jax.eval_shape(create))
-                                for _ in range(group_size(c))))
+    return tuple(jax.vmap(create, axis_size=num_groups(c))() for _ in range(group_size(c)))
 
-  def decode(self, batch: Batch, cache, *, last_only: bool = False):
-    """Appends ``batch`` (a prompt, or one new token per row) to ``cache`` and returns
-    ``(logits_BTV, cache)``. The logits equal the full forward pass over everything seen;
-    ``last_only`` gives the last position's alone (``T`` = 1), skipping the output layer
-    elsewhere: a prompt needs only the logits of the token after it."""
-    logits_BTV, _, cache = self._forward(batch, cache, last_only=last_only)
-    return logits_BTV, cache
+  def prefill(self, batch: Batch, cache: tuple[KVCache, ...], *, last_only: bool = False):
+    """Writes ``batch`` (prompts) into the empty ``cache`` and returns ``(logits_BTV, cache)``,
+    the logits those of the forward pass: the prompt attends within itself with the configured
+    kernel. ``last_only`` gives the last position's alone (``T`` = 1), skipping the output
+    layer elsewhere: a prompt needs only the logits of the token after it."""
+    x_BTD, _, cache = self._blocks(self.embed(batch), batch, cache, prefill=True)
+    return self._logits(x_BTD[:, -1:] if last_only else x_BTD), cache
 
-  def _forward(self, batch: Batch, cache, *, last_only: bool = False):
-    """``(logits_BTV, moe_aux, cache)``: ``moe_aux`` holds the MoE layers' aux stacked on a
+  def decode(self, batch: Batch, cache: tuple[KVCache, ...]):
+    """Appends ``batch`` (one new token per row, or more) to a ``cache`` that ``prefill``
+    wrote, and returns ``(logits_BTV, cache)``: the logits equal the forward pass over
+    everything seen."""
+    x_BTD, _, cache = self._blocks(self.embed(batch), batch, cache)
+    return self._logits(x_BTD), cache
+
+  def _logits(self, x_BTD):
+    x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
+    return self.text.logits(self.final_norm(x_BTD))
+
+  def _blocks(self, x_BTD, batch: Batch, cache=None, *, prefill: bool = False):
+    """``(x_BTD, moe_aux, cache)``: ``moe_aux`` holds the MoE layers' aux stacked on a
     leading layer axis (None for a dense model)."""
-    x_BTD = self.embed(batch)
-    run = self._scan_blocks if self.config.scan_layers else self._loop_blocks
-    x_BTD, moe_aux, cache = run(x_BTD, batch, cache)
-    if last_only:
-      x_BTD = x_BTD[:, -1:]
-    x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
-    logits_BTV = self.text.logits(self.final_norm(x_BTD))
-    return logits_BTV, moe_aux, cache
+    run_block = lambda block, x_BTD, layer_cache: _run_block(
+        self.config, block, x_BTD, batch, layer_cache, prefill)
+    if not self.config.scan_layers:
+      moe_auxes, new_cache = [], []
+      for i, block in enumerate(self.blocks):
+        x_BTD, moe_aux, layer_cache = run_block(block, x_BTD, None if cache is None else cache[i])
+        new_cache.append(layer_cache)
+        if moe_aux is not None:
+          moe_auxes.append(moe_aux)
+      moe_aux = ({key: jnp.stack([aux[key] for aux in moe_auxes]) for key in moe_auxes[0]}
+                 if moe_auxes else None)
+      return x_BTD, moe_aux, tuple(new_cache)
 
-  def _run_block(self, block: DecoderBlock, x_BTD, batch: Batch, layer_cache):
-    x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
-    run_block = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
-    return run_block(block, x_BTD, batch.segment_ids, batch.positions, layer_cache)
-
-  def _loop_blocks(self, x_BTD, batch: Batch, cache):
-    moe_auxes, new_cache = [], []
-    for i, block in enumerate(self.blocks):
-      x_BTD, moe_aux, layer_cache = self._run_block(block, x_BTD, batch,
-                                                    None if cache is None else cache[i])
-      new_cache.append(layer_cache)
-      if moe_aux is not None:
-        moe_auxes.append(moe_aux)
-    moe_aux = ({key: jnp.stack([aux[key] for aux in moe_auxes]) for key in moe_auxes[0]}
-               if moe_auxes else None)
-    return x_BTD, moe_aux, tuple(new_cache)
-
-  def _scan_blocks(self, x_BTD, batch: Batch, cache: StackedKVCache | None):
-    """``lax.scan`` over the groups; the cache rides in the carry (updated in place, one
-    group at a time) and each group's MoE aux comes out stacked in layer order."""
-    graphdef, stacked = nnx.split(self.groups)
-    # The carry keeps one structure through the scan, so it holds the cache as written, and
-    # each layer is told by hand whether its cache was empty before this call.
-    empty = cache is not None and cache.empty
-    if cache is not None:
-      cache = cache.marked_written()
-
-    def step(carry, xs):
+    # One step per group, the cache in the carry: a step reads its group's caches and writes
+    # them back, so decoding updates one cache in place (as scanned xs and ys it would hold a
+    # second copy). graph_updates=False passes the group as a plain pytree, so a decoder
+    # merged outside a jax loop (generate's while_loop) may run inside one.
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+    def step(carry, group: BlockGroup, g):
       x_BTD, cache = carry
-      g, group_state = xs
-      group = nnx.merge(graphdef, _set_layers_axis(group_state, present=False))
-      layer_caches = None if cache is None else [
-          dataclasses.replace(layer_cache, empty=empty) for layer_cache in cache.group(g)]
+      caches = None if cache is None else jax.tree.map(
+          lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False), cache)
       group_aux, new_caches = None, []
       for j, block in enumerate(group.blocks):
-        x_BTD, moe_aux, layer_cache = self._run_block(
-            block, x_BTD, batch, None if cache is None else layer_caches[j])
+        x_BTD, moe_aux, layer_cache = run_block(block, x_BTD, None if cache is None else caches[j])
         new_caches.append(layer_cache)
         group_aux = moe_aux if moe_aux is not None else group_aux
       if cache is not None:
-        cache = cache.with_group(g, new_caches)
+        cache = jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, g, 0),
+                             cache, tuple(new_caches))
       return (x_BTD, cache), group_aux
 
-    xs = (jnp.arange(num_groups(self.config)), stacked)
-    (x_BTD, cache), moe_aux = jax.lax.scan(step, (x_BTD, cache), xs)
+    (x_BTD, cache), moe_aux = step((x_BTD, cache), self.groups,
+                                   jnp.arange(num_groups(self.config)))
     return x_BTD, moe_aux, cache
 
   def _collect_aux(self, moe_aux: dict | None, batch: Batch) -> dict:
@@ -313,33 +230,9 @@ class Decoder(nnx.Module):
     }
 
 
-def stack_layers(state: nnx.State, config: ModelConfig) -> nnx.State:
-  """A state laid out like ``Decoder(config)`` without ``scan_layers`` (parameters, their
-  gradients or optimizer moments) -> the same values laid out for ``scan_layers``: block
-  ``i`` becomes index ``i // group_size`` of ``groups.blocks[i % group_size]``."""
-  size, flat, members = group_size(config), {}, {}
-  for path, leaf in nnx.to_flat_state(state):
-    if path[0] != 'blocks':
-      flat[path] = leaf
-      continue
-    layer = path[1]
-    members.setdefault(('groups', 'blocks', layer % size, *path[2:]), {})[layer // size] = leaf
-  for path, by_group in members.items():
-    flat[path] = _stack([by_group[g] for g in range(len(by_group))])
-  return nnx.from_flat_state(flat)
-
-
-def unstack_layers(state: nnx.State, config: ModelConfig) -> nnx.State:
-  """The inverse of ``stack_layers``: a ``scan_layers`` state -> the per-layer layout."""
-  size, flat = group_size(config), {}
-  for path, leaf in nnx.to_flat_state(state):
-    if path[:2] != ('groups', 'blocks'):
-      flat[path] = leaf
-      continue
-    for g in range(num_groups(config)):
-      if isinstance(leaf, nnx.Variable):
-        layer_leaf = _set_layers_axis(leaf.replace(leaf[...][g]), present=False)
-      else:
-        layer_leaf = leaf[g]
-      flat[('blocks', g * size + path[2], *path[3:])] = layer_leaf
-  return nnx.from_flat_state(flat)
+def _run_block(config: ModelConfig, block: DecoderBlock, x_BTD, batch: Batch, cache,
+               prefill: bool):
+  x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
+  call = lambda block, *args: block(*args, prefill=prefill)
+  call = nnx.remat(call) if config.remat else call
+  return call(block, x_BTD, batch.segment_ids, batch.positions, cache)

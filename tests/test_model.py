@@ -106,9 +106,10 @@ def test_decoding_with_kv_cache_matches_full_forward(test_config, num_kv_heads):
   decode = nnx.jit(lambda decoder, batch, cache: decoder.decode(batch, cache))
   take = lambda start, stop: jax.tree.map(
       lambda a: a[:, start:stop] if a.ndim == 2 else a, batch)  # per-position fields only
-  last, _ = nnx.jit(lambda decoder, batch, cache: decoder.decode(batch, cache, last_only=True))(
+  last, _ = nnx.jit(lambda decoder, batch, cache: decoder.prefill(batch, cache, last_only=True))(
       decoder, take(0, prompt), cache)
-  logits, cache = decode(decoder, take(0, prompt), cache)
+  logits, cache = nnx.jit(lambda decoder, batch, cache: decoder.prefill(batch, cache))(
+      decoder, take(0, prompt), cache)
   np.testing.assert_allclose(last, logits[:, -1:], atol=1e-5)  # the prompt's next-token logits
   steps = [logits]
   # Generated tokens are text: steps carry no image or audio items, as in `generate`.

@@ -1,7 +1,8 @@
-"""``model.scan_layers``: the scanned decoder (blocks stacked in groups of ``moe_every``, one
-``lax.scan`` over the groups) gives the unscanned one's numbers: parameters from the same
-seed, logits, aux, loss gradients, KV-cache decoding and generation; full-size presets keep
-their parameter count; sharded training on 8 fake CPU devices equals one device.
+"""``model.scan_layers``: the scanned decoder (blocks stacked in groups of ``moe_every`` by
+``nnx.vmap``, run by ``nnx.scan``) holds the unscanned one's parameters stacked, and given
+them gives its numbers: logits, aux, loss gradients, KV-cache decoding and generation;
+full-size presets keep their parameter count; sharded training on 8 fake CPU devices equals
+one device.
 
 Run as a script (``python tests/test_scan.py sharded``) it is the 8-device subprocess of
 ``test_sharded_scanned_training_matches_one_device``.
@@ -24,7 +25,7 @@ from flax import nnx
 from gemini_mini import Batch
 from gemini_mini import config as config_lib
 from gemini_mini import parallel
-from gemini_mini.model import Decoder, StackedKVCache, stack_layers, unstack_layers
+from gemini_mini.model import Decoder, group_size, num_groups
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import make_batch  # noqa: E402
@@ -37,11 +38,27 @@ SHAPES = {'moe_every1': dict(moe_every=1, num_layers=2),
 
 
 def pair(test_config, **overrides):
-  """``(unscanned, scanned, model_config)`` built from the same seed."""
+  """``(unscanned, scanned, model_config)``, the scanned decoder holding the unscanned one's
+  parameters."""
   model_config = dataclasses.replace(test_config.model, **overrides)
   unscanned = Decoder(model_config, rngs=nnx.Rngs(0))
-  scanned = Decoder(dataclasses.replace(model_config, scan_layers=True), rngs=nnx.Rngs(0))
+  scanned = Decoder(dataclasses.replace(model_config, scan_layers=True), rngs=nnx.Rngs(1))
+  nnx.update(scanned, stacked(nnx.state(unscanned), nnx.state(scanned), model_config))
   return unscanned, scanned, model_config
+
+
+def stacked(state, like, model_config):
+  """``state`` (an unscanned decoder's parameters, gradients or moments) laid out like
+  ``like`` (the scanned decoder's): block i at index ``i // group_size`` of
+  ``groups.blocks[i % group_size]``."""
+  size, flat = group_size(model_config), dict(nnx.to_flat_state(state))
+  def value(path):
+    if path[:2] != ('groups', 'blocks'):
+      return flat[path][...]
+    return jnp.stack([flat[('blocks', g * size + path[2], *path[3:])][...]
+                      for g in range(num_groups(model_config))])
+  return nnx.from_flat_state([(path, leaf.replace(value(path)))
+                              for path, leaf in nnx.to_flat_state(like)])
 
 
 def assert_states_close(actual, expected, **tolerance):
@@ -53,16 +70,21 @@ def assert_states_close(actual, expected, **tolerance):
 
 
 @pytest.mark.parametrize('shape', SHAPES)
-def test_same_seed_gives_the_unscanned_parameters_stacked(test_config, shape):
-  unscanned, scanned, model_config = pair(test_config, **SHAPES[shape])
-  params, scanned_params = nnx.state(unscanned), nnx.state(scanned)
-  stacked = stack_layers(params, model_config)
-  assert_states_close(stacked, scanned_params, rtol=0, atol=0)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(stacked), nnx.to_flat_state(scanned_params)):
-    assert a.get_metadata() == b.get_metadata(), path
-    if path[0] == 'groups':
-      assert b.get_metadata()['out_sharding'][0] == 'layers', path
-  assert_states_close(unstack_layers(scanned_params, model_config), params, rtol=0, atol=0)
+def test_scanned_parameters_are_the_blocks_stacked_on_a_layers_axis(test_config, shape):
+  model_config = dataclasses.replace(test_config.model, **SHAPES[shape])
+  params = nnx.state(Decoder(model_config, rngs=nnx.Rngs(0)))
+  scanned_params = nnx.state(Decoder(dataclasses.replace(model_config, scan_layers=True),
+                                     rngs=nnx.Rngs(0)))
+  layout = stacked(params, scanned_params, model_config)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(layout), nnx.to_flat_state(scanned_params)):
+    assert a.shape == b.shape and a.dtype == b.dtype, path
+    if path[0] != 'groups':  # created as without scanning: the same values
+      np.testing.assert_array_equal(b[...], a[...], err_msg=str(path))
+      continue
+    unscanned = dict(nnx.to_flat_state(params))[('blocks', path[2], *path[3:])]
+    assert b.get_metadata()['out_sharding'] == ('layers', *unscanned.get_metadata()['out_sharding'])
+    if path[-1] != 'scale_D' and num_groups(model_config) > 1:  # norm scales start at 1
+      assert not np.array_equal(b[0], b[1]), f'{path}: the groups drew the same values'
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   assert count(scanned_params) == count(params)
 
@@ -96,7 +118,7 @@ def test_logits_aux_and_gradients_equal_the_unscanned_model(test_config, shape, 
     np.testing.assert_allclose(aux_s[key], aux[key], err_msg=key, **TOLERANCE)
   num_moe = sum(model_config.is_moe_layer(i) for i in range(model_config.num_layers))
   assert aux_s['expert_load_LE'].shape[0] == num_moe
-  assert_states_close(grads_s, stack_layers(grads, model_config), rtol=1e-5, atol=1e-7)
+  assert_states_close(grads_s, stacked(grads, grads_s, model_config), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('shape', ['moe_every1', 'moe_every2'])
@@ -109,26 +131,29 @@ def test_kv_cache_decoding_equals_the_unscanned_model(test_config, shape):
       lambda a: a[:, start:stop] if a.ndim == 2 else a, batch)  # per-position fields only
   no_items = dict(patches=jnp.zeros((2, 1, model_config.patch_dim)),
                   audio=jnp.zeros((2, 1, model_config.audio_dim)))
+  prefill = nnx.jit(lambda decoder, batch, cache: decoder.prefill(batch, cache))
   decode = nnx.jit(lambda decoder, batch, cache: decoder.decode(batch, cache))
   outputs = []
   for decoder in (unscanned, scanned):
     cache = decoder.init_cache(batch_size=2, max_length=48)
-    logits, cache = decode(decoder, take(0, prompt), cache)
+    logits, cache = prefill(decoder, take(0, prompt), cache)
     steps = [logits]
     for t in range(prompt, length):
       logits, cache = decode(decoder, dataclasses.replace(take(t, t + 1), **no_items), cache)
       steps.append(logits)
     outputs.append((np.concatenate(steps, axis=1), cache))
   (logits, cache), (logits_s, cache_s) = outputs
-  assert isinstance(cache_s, StackedKVCache) and len(cache_s) == model_config.num_layers
   np.testing.assert_allclose(logits_s, logits, **TOLERANCE)
   np.testing.assert_allclose(logits_s, scanned(batch)[0], atol=2e-5)  # == the full forward
-  for layer in range(model_config.num_layers):
-    assert int(cache_s[layer].end) == length
-    assert cache_s[layer].k_JHS.shape == cache[layer].k_JHS.shape
-    np.testing.assert_allclose(cache_s[layer].k_JHS, cache[layer].k_JHS, **TOLERANCE)
-    np.testing.assert_array_equal(cache_s[layer].segment_ids_BS, cache[layer].segment_ids_BS)
-  assert cache_s.nbytes == sum(c.nbytes for c in cache)
+  size = group_size(model_config)
+  assert len(cache_s) == size and cache_s[0].end.shape == (num_groups(model_config),)
+  for layer in range(model_config.num_layers):  # layer g * size + j: group g of member j
+    layer_s = jax.tree.map(lambda a: a[layer // size], cache_s[layer % size])
+    assert int(layer_s.end) == length
+    assert layer_s.k_JHS.shape == cache[layer].k_JHS.shape
+    np.testing.assert_allclose(layer_s.k_JHS, cache[layer].k_JHS, **TOLERANCE)
+    np.testing.assert_array_equal(layer_s.segment_ids_BS, cache[layer].segment_ids_BS)
+  assert sum(c.nbytes for c in cache_s) == sum(c.nbytes for c in cache)
 
 
 def test_generation_equals_the_unscanned_model(test_config):
@@ -196,13 +221,12 @@ def test_one_train_step_equals_the_unscanned_model(test_config):
   from gemini_mini.train.loss import LossWeights
   from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
   from gemini_mini.train.step import TrainState, make_train_step
-  _, _, model_config = pair(test_config, **SHAPES['moe_every2'])
+  model_config = dataclasses.replace(test_config.model, **SHAPES['moe_every2'])
   batch = make_batch(model_config, images=[(0, 5, 8)], audio=[(1, 3, 8)])
   optimizer = make_optimizer(learning_rate=1e-3, steps=10, warmup_steps=2, weight_decay=0.1,
                              grad_clip=1.0)
   results = []
-  for scan in (False, True):
-    decoder = Decoder(dataclasses.replace(model_config, scan_layers=scan), rngs=nnx.Rngs(0))
+  for decoder in pair(test_config, **SHAPES['moe_every2'])[:2]:
     graphdef, params = nnx.split(decoder)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=optimizer.init(params))
@@ -223,8 +247,8 @@ def test_one_train_step_equals_the_unscanned_model(test_config):
                                   for s in (state, state_s))
   expected_mu, actual_mu, expected_params, actual_params = (
       dict(nnx.to_flat_state(tree)) for tree in (
-          stack_layers(first_moment, model_config), first_moment_s,
-          stack_layers(state.params, model_config), state_s.params))
+          stacked(first_moment, first_moment_s, model_config), first_moment_s,
+          stacked(state.params, state_s.params, model_config), state_s.params))
   assert expected_params.keys() == actual_params.keys() == expected_mu.keys() == actual_mu.keys()
   # Every parameter, the stacked [groups, D] norm scales included (not weight-decayed).
   assert any(path[0] == 'groups' and path[-1] == 'scale_D' for path in expected_params)
@@ -251,12 +275,13 @@ SHARDED_OVERRIDES = ['model.num_layers=4', 'model.moe_every=2', 'train.batch_siz
 
 
 def sharded_main():
-  """Loss, gradients and one train step of the scanned test model on every mesh, and the
-  unscanned model's on one device, printed as one JSON line."""
+  """Loss, gradients and one train step of the unscanned test model on one device, and of
+  the scanned one holding its parameters on every mesh, printed as one JSON line."""
   from gemini_mini.train.loss import LossWeights, loss_sums
   from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
   from gemini_mini.train.step import (
-      abstract_train_state, init_train_state, jit_steps, make_eval_step, make_train_step)
+      TrainState, abstract_train_state, init_train_state, jit_steps, make_eval_step,
+      make_train_step)
   assert len(jax.devices()) == 8, jax.devices()
   config = config_lib.load('configs/test.yaml', SHARDED_OVERRIDES)
   weights = LossWeights(0.01, 0.001, 1e-4)
@@ -264,15 +289,22 @@ def sharded_main():
                      images=[(0, 3, 4), (5, 10, 6)], audio=[(2, 7, 5)])
   optimizer = make_optimizer(learning_rate=1e-3, steps=10, warmup_steps=2, weight_decay=0.1,
                              grad_clip=1.0)
-  runs = [(name, sizes, True) for name, sizes in MESHES.items()]
-  runs.append(('unscanned', MESHES['single'], False))
-  results = {}
+  runs = [('unscanned', MESHES['single'], False)]
+  runs += [(name, sizes, True) for name, sizes in MESHES.items()]
+  results, all_grads = {}, {}
   for name, sizes, scan in runs:
     model_config = dataclasses.replace(config.model, scan_layers=scan)
     devices = jax.devices() if sizes != MESHES['single'] else jax.devices()[:1]
     mesh = parallel.make_mesh(config_lib.MeshConfig(**sizes), devices)
     graphdef, shardings, _ = abstract_train_state(model_config, optimizer, mesh, seed=0)
     state = init_train_state(model_config, optimizer, shardings, seed=0)
+    if not scan:
+      unscanned_params = jax.device_get(state.params)
+    else:
+      params = stacked(unscanned_params, state.params, model_config)
+      state = jax.jit(lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                opt_state=optimizer.init(params)),
+                      out_shardings=shardings)(params)
     layer_axis_split = [
         key for key, leaf in ((jax.tree_util.keystr(path), leaf) for path, leaf
                               in jax.tree_util.tree_leaves_with_path(state.params))
@@ -290,17 +322,19 @@ def sharded_main():
                                                 learning_rate_schedule(1e-3, 10, 2), weights, 2),
                                 make_eval_step(graphdef, weights), shardings, mesh)
       _, metrics = train_step(state, global_batch)
-    if not scan:
-      grads = stack_layers(grads, model_config)
+    all_grads[name] = grads
     results[name] = {
         'loss': float(loss), 'step_loss': float(metrics['loss']),
         'step_grad_norm': float(metrics['grad_norm']),
         'sharded_leaves': sum(not leaf.sharding.is_fully_replicated
                               for leaf in jax.tree.leaves(state.params)),
         'layer_axis_split': layer_axis_split,
-        'grads': {jax.tree_util.keystr(path): np.asarray(g).ravel()[:64].tolist()
-                  for path, g in jax.tree_util.tree_leaves_with_path(grads)},
     }
+  all_grads['unscanned'] = stacked(jax.device_get(all_grads['unscanned']),
+                                   jax.device_get(all_grads['single']), config.model)
+  for name, grads in all_grads.items():
+    results[name]['grads'] = {jax.tree_util.keystr(path): np.asarray(g).ravel()[:64].tolist()
+                              for path, g in jax.tree_util.tree_leaves_with_path(grads)}
   print(json.dumps(results))
 
 

@@ -1,6 +1,6 @@
 """Batched generation from interleaved text/image/audio prompts, with a KV cache.
 
-    prompts --flatten--> right-aligned prefill batch --decoder.decode--> cache, logits
+    prompts --flatten--> right-aligned prefill batch --decoder.prefill--> cache, logits
             --one jitted while_loop--> sample, feed back, until every row stopped or
                                        max_new_tokens
 
@@ -10,8 +10,8 @@ before them is segment 0. Each row then computes exactly what it would alone: at
 decides who sees whom by segment id and position, never by slot (``layers/attention.py``),
 so a real token (segment 1) never sees padding (segment 0) and RoPE sees the positions of
 the unpadded prompt; padding is text, so it takes none of the row's patches or audio frames;
-and dropless MoE routes every token on its own. (Capacity MoE dispatch sizes expert
-capacity by the padded length, so there, as in training, the result depends on ``T``.)
+and the MoE layers decode with dropless dispatch, which routes every token on its own
+(``generate``'s docstring says why).
 Right-aligning puts every row's last prompt token in the last column, so the first
 next-token logits are ``logits[:, -1]``, and all rows then append one token per step at the
 cache's single shared write slot, each at its own positions ``L_b, L_b + 1, ...``.
@@ -27,7 +27,9 @@ import numpy as np
 from flax import nnx
 
 from gemini_mini.batch import Batch, Modality
+from gemini_mini.config import ModelConfig
 from gemini_mini.infer import sampling
+from gemini_mini.model import Decoder
 from gemini_mini.modalities import interleave
 from gemini_mini.modalities.segments import Segment
 
@@ -86,6 +88,12 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
              stop_ids: Sequence[int] | None = None, seed: int = 0) -> list[Generation]:
   """Continues each prompt with text tokens, all prompts as one batch.
 
+  The MoE layers run with ``moe_dispatch: dropless`` whatever ``decoder.config`` says (the
+  parameters are the same for both dispatches). Capacity dispatch sizes each expert's slots
+  by the tokens of one call, so the tokens a prompt or a decoding step would drop, and with
+  them the logits, would differ from the training forward's over the same sequence;
+  dropless drops none, and cached decoding equals that forward.
+
   Args:
     decoder: a ``model.Decoder``.
     prompts: B examples, each a list of ``Segment`` (text, image, audio) in reading order;
@@ -116,7 +124,7 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
   is_stop_V = np.zeros(config.vocab_size, bool)
   is_stop_V[list(stop_ids)] = True
 
-  graphdef, state = nnx.split(decoder)
+  graphdef, state = _dropless_graphdef(config), nnx.state(decoder)
   logits_BV, cache = _prefill(graphdef, state, batch, cache_length)
   generated_BS, steps, _ = _decode_loop(
       graphdef, state, logits_BV, cache, jnp.asarray(lengths_B), jnp.int32(max_new_tokens),
@@ -132,12 +140,20 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
   return generations
 
 
+@functools.cache
+def _dropless_graphdef(config: ModelConfig) -> nnx.GraphDef:
+  """The graph of ``Decoder(config)`` with ``moe_dispatch: dropless``, whose parameters are
+  those of either dispatch (built once per config)."""
+  config = dataclasses.replace(config, moe_dispatch='dropless')
+  return nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cache_length'))
 def _prefill(graphdef, state, batch: Batch, cache_length: int):
   """``(logits_BV, cache)``: the prompts in a fresh cache and each row's next-token logits."""
   decoder = nnx.merge(graphdef, state)
   cache = decoder.init_cache(batch.tokens.shape[0], cache_length)
-  logits_B1V, cache = decoder.decode(batch, cache, last_only=True)
+  logits_B1V, cache = decoder.prefill(batch, cache, last_only=True)
   return logits_B1V[:, 0], cache
 
 
@@ -154,7 +170,7 @@ def _decode_loop(graphdef, state, logits_BV, cache, lengths_B, max_new_tokens, i
   the loop then updates one cache in place instead of holding a second copy.
   """
   decoder = nnx.merge(graphdef, state)
-  batch_size, cache_length = lengths_B.shape[0], cache[0].k_JHS.shape[2]
+  batch_size, cache_length = lengths_B.shape[0], cache[0].k_JHS.shape[-1]
   choose = lambda logits_BV, step: sampling.sample(
       logits_BV, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
       top_p=top_p)

@@ -36,10 +36,6 @@ class KVCache:
   (segment >= 1) attends to. The cache holds ``K`` heads, not ``N``: with multi-query
   attention it is ``num_heads`` times smaller than a multi-head cache (``nbytes`` shows it).
   The caller keeps ``end + new tokens <= max_length`` (XLA would clamp the write).
-
-  ``empty`` (static, set by ``create``) says that no slot is written yet: the tokens of the
-  first append (a prompt) then see only one another, so ``Attention`` attends among them
-  with its own kernel (the chunked one in O(T * chunk) memory) instead of over all slots.
   """
 
   k_JHS: jax.Array  # J = B * K (batch major): the layout ``cached_attention``'s matmuls
@@ -47,7 +43,6 @@ class KVCache:
   segment_ids_BS: jax.Array
   positions_BS: jax.Array
   end: jax.Array  # int32 scalar: the next slot to write
-  empty: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @classmethod
   def create(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -57,7 +52,7 @@ class KVCache:
         v_JHS=jnp.zeros((batch_size * num_kv_heads, head_dim, max_length), dtype),
         segment_ids_BS=jnp.zeros((batch_size, max_length), jnp.int32),
         positions_BS=jnp.zeros((batch_size, max_length), jnp.int32),
-        end=jnp.zeros((), jnp.int32), empty=True)
+        end=jnp.zeros((), jnp.int32))
 
   @property
   def nbytes(self) -> int:
@@ -80,11 +75,11 @@ class KVCache:
 class Attention(nnx.Module):
   """Self-attention with ``num_kv_heads`` shared key/value heads.
 
-  ``__call__(x_BTD, segment_ids_BT, positions_BT, cache=None) -> (y_BTD, cache)``. Without a
-  cache it attends within ``x`` using ``kernel`` ('dense' or 'chunked'); with one it appends
-  the new keys/values and returns the updated cache. Into an empty cache (a prompt) it
-  attends within ``x`` as without one: the same values for every token of a segment >= 1 as
-  attending over the whole cache, which it does once the cache holds tokens (decoding).
+  ``attention(x_BTD, segment_ids_BT, positions_BT) -> y_BTD`` attends within ``x`` using
+  ``kernel`` ('dense' or 'chunked'). For decoding, ``prefill`` does the same for a prompt and
+  writes its keys and values into an empty cache, and ``decode`` appends new tokens to the
+  cache and attends over all its slots; both return ``(y_BTD, cache)``. For every token of a
+  segment >= 1 the three give the same values as attending over everything seen.
   """
 
   def __init__(
@@ -113,37 +108,57 @@ class Attention(nnx.Module):
     self.o_NHD = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, d_model),
                        ('heads', 'head_dim', 'embed'))
 
-  def __call__(
-      self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
-      cache: KVCache | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
+  def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array,
+               positions_BT: jax.Array) -> jax.Array:
+    q_BTKGH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+    return self._output(self._within(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT))
+
+  def prefill(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """``x`` (a prompt) into an empty ``cache``: it attends within itself with the layer's
+    kernel (the chunked one in O(T * chunk) memory), not over the cache's slots."""
+    q_BTKGH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+    o_BTKGH = self._within(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+    return self._output(o_BTKGH), cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+
+  def decode(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Appends ``x``'s keys and values to ``cache``, then attends over all its slots."""
+    q_BTKGH, k_BTKH, v_BTKH = self._project(x_BTD, positions_BT)
+    cache = cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
+    mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
+                              cache.positions_BS, self.window)
+    o_BTKGH = cached_attention(q_BTKGH, cache.k_JHS.astype(self.dtype),
+                               cache.v_JHS.astype(self.dtype), mask_BTS)
+    return self._output(o_BTKGH), cache
+
+  def _project(self, x_BTD, positions_BT):
+    """``(q_BTKGH, k_BTKH, v_BTKH)``: RoPE applied, queries scaled by ``H ** -0.5``."""
     batch, length, _ = x_BTD.shape
     x_XD = flatten_tokens(x_BTD)
-    project = lambda spec, x, p: weight_einsum(spec, x, p[...], self.dtype)
     tokens = lambda y_X__: y_X__.reshape(batch, length, *y_X__.shape[1:])
-    q_BTNH = tokens(project('XD,DNH->XNH', x_XD, self.q_DNH))
-    k_BTKH = tokens(project('XD,DKH->XKH', x_XD, self.k_DKH))
-    v_BTKH = tokens(project('XD,DKH->XKH', x_XD, self.v_DKH))
+    q_BTNH = tokens(self._matmul('XD,DNH->XNH', x_XD, self.q_DNH))
+    k_BTKH = tokens(self._matmul('XD,DKH->XKH', x_XD, self.k_DKH))
+    v_BTKH = tokens(self._matmul('XD,DKH->XKH', x_XD, self.v_DKH))
     q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_max_wavelength)
     k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_max_wavelength)
     q_BTNH = q_BTNH * q_BTNH.shape[-1] ** -0.5
     q_BTKGH = einops.rearrange(q_BTNH, 'B T (K G) H -> B T K G H', K=self.num_kv_heads)
+    return q_BTKGH, k_BTKH, v_BTKH
 
-    within_x = cache is None or cache.empty  # no other keys than x's own
-    if cache is not None:
-      cache = cache.append(k_BTKH, v_BTKH, segment_ids_BT, positions_BT)
-    if not within_x:
-      mask_BTS = attention_mask(segment_ids_BT, cache.segment_ids_BS, positions_BT,
-                                cache.positions_BS, self.window)
-      o_BTKGH = cached_attention(q_BTKGH, cache.k_JHS.astype(self.dtype),
-                                 cache.v_JHS.astype(self.dtype), mask_BTS)
-    elif self.kernel == 'chunked':
-      o_BTKGH = chunked_attention(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
-                                  window=self.window, chunk_size=self.chunk_size)
-    else:
-      mask_BTS = attention_mask(segment_ids_BT, segment_ids_BT, positions_BT, positions_BT,
-                                self.window)
-      o_BTKGH = dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTS)
+  def _within(self, q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT):
+    """``o_BTKGH`` of ``x``'s tokens attending among themselves with ``kernel``."""
+    if self.kernel == 'chunked':
+      return chunked_attention(q_BTKGH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                               window=self.window, chunk_size=self.chunk_size)
+    mask_BTS = attention_mask(segment_ids_BT, segment_ids_BT, positions_BT, positions_BT,
+                              self.window)
+    return dense_attention(q_BTKGH, k_BTKH, v_BTKH, mask_BTS)
 
+  def _output(self, o_BTKGH):
+    batch, length = o_BTKGH.shape[:2]
     o_XNH = einops.rearrange(o_BTKGH, 'B T K G H -> (B T) (K G) H')
-    return tokens(project('XNH,NHD->XD', o_XNH, self.o_NHD)), cache
+    return self._matmul('XNH,NHD->XD', o_XNH, self.o_NHD).reshape(batch, length, -1)
+
+  def _matmul(self, spec, x, weight):
+    return weight_einsum(spec, x, weight[...], self.dtype)

@@ -1,6 +1,9 @@
 """Batched generation against a slow reference that re-runs the full forward pass on the
 growing sequences: prompts of different lengths with an image and audio, stop ids,
-max_new_tokens, sampling settings, seeds, and one compilation of the decode loop."""
+max_new_tokens, sampling settings, seeds, dropless decoding of capacity models, and one
+compilation of the decode loop."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -91,7 +94,7 @@ def test_padded_prefill_logits_equal_each_prompt_alone(decoder, forward):
   examples = [interleave.flatten(prompt, TOKENIZER) for prompt in PROMPTS]
   batch, lengths_B = generate_lib.prefill_batch(
       examples, patch_dim=MODEL_CONFIG.patch_dim, audio_dim=MODEL_CONFIG.audio_dim)
-  prefill = jitted(decoder, lambda decoder, batch: decoder.decode(
+  prefill = jitted(decoder, lambda decoder, batch: decoder.prefill(
       batch, decoder.init_cache(len(examples), 32))[0])
   logits_BTV = prefill(batch)
   alone_BTV = forward(unpadded_batch(examples))
@@ -106,6 +109,21 @@ def test_greedy_generation_equals_full_forward_reference(decoder, forward):
     np.testing.assert_array_equal(generation.tokens, tokens)
     assert generation.text == TOKENIZER.decode(tokens)
   assert len({tuple(g.tokens) for g in generations}) == 3  # the rows really differ
+
+
+def test_capacity_models_decode_with_dropless_dispatch(decoder, forward):
+  # Capacity sizes expert slots per call, so generate decodes with dropless whatever the
+  # config: a capacity model generates what its parameters give under dropless (``forward``,
+  # re-run on the growing sequences).
+  config = dataclasses.replace(MODEL_CONFIG, moe_dispatch='capacity', capacity_factor=0.25)
+  capacity = Decoder(config, rngs=nnx.Rngs(1))
+  nnx.update(capacity, nnx.state(decoder))
+  examples = [interleave.flatten(prompt, TOKENIZER) for prompt in PROMPTS]
+  _, aux = jitted(capacity, lambda decoder, batch: decoder(batch))(unpadded_batch(examples))
+  assert aux['dropped_L'].max() > 0  # capacity dispatch would drop slots of these prompts
+  generations = generate(capacity, PROMPTS, TOKENIZER, max_new_tokens=6, stop_ids=())
+  for generation, tokens in zip(generations, reference_greedy(forward, PROMPTS, 6)):
+    np.testing.assert_array_equal(generation.tokens, tokens)
 
 
 def test_stop_ids_cut_each_row_after_its_first_stop(decoder):

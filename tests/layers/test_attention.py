@@ -1,6 +1,5 @@
 """Tests for the ``Attention`` module against a numpy forward pass built from its parameters."""
 
-import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -8,8 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemini_mini.layers import Attention, KVCache, attention_kernels
-from gemini_mini.layers import attention as attention_module
+from gemini_mini.layers import Attention, KVCache
 
 D_MODEL, NUM_HEADS, HEAD_DIM = 16, 4, 8
 HEADS = {'mqa': 1, 'gqa': 2, 'mha': 4}  # name -> num_kv_heads (num_heads is 4)
@@ -17,10 +15,11 @@ WAVELENGTH = 10_000.0
 PARAMS = ('q_DNH', 'k_DKH', 'v_DKH', 'o_NHD')
 
 
-@nnx.jit
-def call(module, x_BTD, segment_ids_BT, positions_BT, cache=None):
-  """``module(...)`` compiled once per shape and configuration (eager runs are slow)."""
-  return module(x_BTD, segment_ids_BT, positions_BT, cache)
+# The module's three paths, each compiled once per shape and configuration (eager runs are
+# slow): the forward, and the cached ones with a cache as last argument.
+call = nnx.jit(lambda module, *args: module(*args))
+prefill = nnx.jit(lambda module, *args: module.prefill(*args))
+decode_step = nnx.jit(lambda module, *args: module.decode(*args))
 
 
 def make_attention(heads, seed=0, **kwargs):
@@ -93,8 +92,8 @@ def test_forward_matches_numpy_reference(heads, kernel, window):
   module = make_attention(heads, kernel=kernel, window=window, chunk_size=8)
   segment_ids, positions = packed([[7, 10], [22]], 22)
   x_BTD = random_x(1, 2, 22)
-  y_BTD, cache = call(module, x_BTD, segment_ids, positions)
-  assert cache is None and y_BTD.shape == x_BTD.shape
+  y_BTD = call(module, x_BTD, segment_ids, positions)
+  assert y_BTD.shape == x_BTD.shape
   np.testing.assert_allclose(y_BTD, numpy_forward(module, x_BTD, segment_ids, positions, window),
                              atol=1e-5, rtol=1e-4)
 
@@ -111,7 +110,7 @@ def test_dense_and_chunked_agree_in_values_and_parameter_gradients(heads, window
   @nnx.jit
   def output_and_grads(module):
     def loss(module):
-      y_BTD, _ = module(x_BTD, segment_ids, positions)
+      y_BTD = module(x_BTD, segment_ids, positions)
       return jnp.sum(y_BTD * cotangent_BTD), y_BTD
     (_, y_BTD), grads = nnx.value_and_grad(loss, has_aux=True)(module)
     return y_BTD, grads
@@ -124,29 +123,32 @@ def test_dense_and_chunked_agree_in_values_and_parameter_gradients(heads, window
                                atol=1e-5, rtol=1e-4, err_msg=name)
 
 
+def empty_cache(module, batch, max_length):
+  return KVCache.create(batch, max_length, module.num_kv_heads, HEAD_DIM)
+
+
 def decode(module, x_BTD, segment_ids_BT, positions_BT, prompt_length, max_length):
   """Prefills ``prompt_length`` tokens into a fresh cache, then feeds the rest one at a time."""
-  batch = x_BTD.shape[0]
-  cache = KVCache.create(batch, max_length, module.num_kv_heads, HEAD_DIM)
-  step = lambda start, stop, cache: call(module, x_BTD[:, start:stop],
-                                         segment_ids_BT[:, start:stop],
-                                         positions_BT[:, start:stop], cache)
-  y_BTD, cache = step(0, prompt_length, cache)
+  cache = empty_cache(module, x_BTD.shape[0], max_length)
+  tokens = lambda start, stop: (x_BTD[:, start:stop], segment_ids_BT[:, start:stop],
+                                positions_BT[:, start:stop])
+  y_BTD, cache = prefill(module, *tokens(0, prompt_length), cache)
   outputs = [y_BTD]
   for t in range(prompt_length, x_BTD.shape[1]):
-    y_B1D, cache = step(t, t + 1, cache)
+    y_B1D, cache = decode_step(module, *tokens(t, t + 1), cache)
     outputs.append(y_B1D)
   return jnp.concatenate(outputs, axis=1), cache
 
 
-@pytest.mark.parametrize('heads, window', [('mqa', 0), ('gqa', 3), ('mha', 0)])
-def test_prefill_then_decode_equals_full_forward(heads, window):
-  module = make_attention(heads, window=window)
+@pytest.mark.parametrize('heads, window, kernel', [
+    ('mqa', 0, 'dense'), ('gqa', 3, 'dense'), ('mha', 0, 'dense'), ('gqa', 3, 'chunked')])
+def test_prefill_then_decode_equals_full_forward(heads, window, kernel):
+  module = make_attention(heads, window=window, kernel=kernel, chunk_size=4)
   batch, length = 2, 11
   x_BTD = random_x(4, batch, length)
   segment_ids = jnp.ones((batch, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  full_BTD, _ = call(module, x_BTD, segment_ids, positions)
+  full_BTD = call(module, x_BTD, segment_ids, positions)
   decoded_BTD, cache = decode(module, x_BTD, segment_ids, positions, prompt_length=5,
                               max_length=16)
   assert int(cache.end) == length
@@ -166,47 +168,35 @@ def test_left_padded_prompt_decodes_like_an_unpadded_one():
   for row, real in ((0, slice(0, 10)), (1, slice(2, 10))):
     x_real = x_BTD[row:row + 1, real]
     length = x_real.shape[1]
-    alone_BTD, _ = call(module, x_real, jnp.ones((1, length), jnp.int32),
-                          jnp.arange(length, dtype=jnp.int32)[None])
+    alone_BTD = call(module, x_real, jnp.ones((1, length), jnp.int32),
+                     jnp.arange(length, dtype=jnp.int32)[None])
     np.testing.assert_allclose(decoded_BTD[row:row + 1, real], alone_BTD,
                                atol=1e-5, rtol=1e-4, err_msg=f'row {row}')
 
 
 @pytest.mark.parametrize('kernel, window', [('dense', 0), ('chunked', 0), ('chunked', 3)])
-def test_a_prompt_into_an_empty_cache_attends_as_over_the_whole_cache(kernel, window,
-                                                                      monkeypatch):
-  # An empty cache lets the prompt attend within itself with the layer's kernel; the same
-  # cache marked written makes it attend over all slots. Row 0 packs two segments, row 1 is
-  # left-padded; real tokens and the written caches must agree, and so must the next step.
+def test_prefill_attends_as_the_forward_and_as_decoding_over_the_cache(kernel, window):
+  # prefill attends within the prompt with the layer's kernel; decode of the same prompt
+  # into an empty cache attends over all its slots. Row 0 packs two segments, row 1 is
+  # left-padded: prefill gives the forward's outputs at every position, decode the same at
+  # the real tokens, and the caches they write, and the next step's outputs, agree.
   module = make_attention('gqa', kernel=kernel, chunk_size=4, window=window)
-  over_cache = []  # (prompt cache empty, tokens) of each cached_attention call
-  def spy(q_BTKGH, *args):
-    over_cache.append((empty, q_BTKGH.shape[1]))
-    return attention_kernels.cached_attention(q_BTKGH, *args)
-  monkeypatch.setattr(attention_module, 'cached_attention', spy)
   batch, prompt, max_length = 2, 9, 16
   x_BTD = random_x(7, batch, prompt + 1)
   segment_ids = jnp.array([[1] * 5 + [2] * 5, [0, 0, 0] + [1] * 7], jnp.int32)
   positions = jnp.array([list(range(5)) * 2, [0, 0, 0] + list(range(7))], jnp.int32)
-  outputs, caches = [], []
-  for empty in (True, False):
-    cache = KVCache.create(batch, max_length, module.num_kv_heads, HEAD_DIM)
-    assert cache.empty
-    cache = dataclasses.replace(cache, empty=empty)
-    # Eager calls: the spy sees every call (a compiled one could come from jit's cache).
-    y_BTD, cache = module(x_BTD[:, :prompt], segment_ids[:, :prompt], positions[:, :prompt],
-                          cache)
-    assert not cache.empty
-    y_B1D, cache = module(x_BTD[:, prompt:], segment_ids[:, prompt:], positions[:, prompt:],
-                          cache)
-    outputs.append(np.concatenate([y_BTD, y_B1D], axis=1))
-    caches.append(cache)
-  assert over_cache == [(True, 1), (False, prompt), (False, 1)]  # the empty prompt: within x
-  real = np.asarray(segment_ids) > 0
-  np.testing.assert_allclose(outputs[0][real], outputs[1][real], atol=1e-5, rtol=1e-4)
+  prompt_tokens = (x_BTD[:, :prompt], segment_ids[:, :prompt], positions[:, :prompt])
+  next_token = (x_BTD[:, prompt:], segment_ids[:, prompt:], positions[:, prompt:])
+  prefilled_BTD, prefilled = prefill(module, *prompt_tokens, empty_cache(module, batch, max_length))
+  np.testing.assert_allclose(prefilled_BTD, call(module, *prompt_tokens), atol=1e-6)
+  decoded_BTD, decoded = decode_step(module, *prompt_tokens, empty_cache(module, batch, max_length))
+  real = np.asarray(segment_ids[:, :prompt]) > 0
+  np.testing.assert_allclose(decoded_BTD[real], prefilled_BTD[real], atol=1e-5, rtol=1e-4)
   for field in ('k_JHS', 'v_JHS', 'segment_ids_BS', 'positions_BS', 'end'):
-    np.testing.assert_allclose(getattr(caches[0], field), getattr(caches[1], field),
-                               atol=1e-6, err_msg=field)
+    np.testing.assert_allclose(getattr(decoded, field), getattr(prefilled, field), atol=1e-6,
+                               err_msg=field)
+  np.testing.assert_allclose(decode_step(module, *next_token, decoded)[0],
+                             decode_step(module, *next_token, prefilled)[0], atol=1e-5, rtol=1e-4)
 
 
 def test_mqa_cache_is_num_heads_times_smaller_than_mha():
@@ -216,8 +206,8 @@ def test_mqa_cache_is_num_heads_times_smaller_than_mha():
   nbytes = {}
   for heads in ('mqa', 'mha'):
     module = make_attention(heads)
-    cache = KVCache.create(batch, max_length, module.num_kv_heads, HEAD_DIM)
-    _, cache = call(module, random_x(6, batch, 3), segment_ids, positions, cache)
+    _, cache = prefill(module, random_x(6, batch, 3), segment_ids, positions,
+                       empty_cache(module, batch, max_length))
     nbytes[heads] = cache.nbytes
   # keys + values, float32: 2 * B * S * K * H * 4 bytes.
   assert nbytes['mqa'] == 2 * batch * max_length * 1 * HEAD_DIM * 4
