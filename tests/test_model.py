@@ -11,6 +11,7 @@ from flax import nnx
 
 from gemini_mini import Batch, Modality
 from gemini_mini import config as config_lib
+from gemini_mini.layers.routing import Router
 from gemini_mini.model import Decoder
 from helpers import make_batch
 
@@ -30,18 +31,44 @@ def replace(batch, **fields):
   return dataclasses.replace(batch, **fields)
 
 
+def skew_routing(decoder):
+  """Gives every token embedding a common direction that every router prefers expert 0
+  along, so expert loads are uneven and capacity 1.25 drops slots, as in trained models."""
+  direction_D = jnp.ones(decoder.config.d_model) / decoder.config.d_model ** 0.5
+  decoder.text.embedding_VD[...] = decoder.text.embedding_VD[...] + 3.0 * direction_D
+  for _, module in nnx.iter_graph(decoder):
+    if isinstance(module, Router):
+      module.w_DE[...] = module.w_DE[...].at[:, 0].add(direction_D)
+
+
+# Capacity factors that drop many, some and few of the test model's routed slots.
+DISPATCHES = {'dropless': dict(moe_dispatch='dropless'),
+              **{f'capacity-{cf}': dict(moe_dispatch='capacity', capacity_factor=cf)
+                 for cf in (0.25, 0.5, 1.25)}}
+
+
+@pytest.mark.parametrize('dispatch', DISPATCHES)
 @pytest.mark.parametrize('kernel', ['dense', 'chunked'])
-def test_future_tokens_never_change_past_logits(test_config, kernel):
-  decoder, model_config = build(test_config, attention_kernel=kernel, attention_chunk=16)
+def test_future_tokens_never_change_past_logits(test_config, kernel, dispatch):
+  # The future from each cut on is replaced: tokens, and the audio frames of a run (30-33).
+  # Capacity dispatch shares expert slots along a row, so a later token must never take a
+  # slot an earlier one would have had.
+  decoder, model_config = build(test_config, attention_kernel=kernel, attention_chunk=16,
+                                **DISPATCHES[dispatch])
+  skew_routing(decoder)
   forward = jit_forward(decoder)
   batch = make_batch(model_config, images=[(0, 10, 4)], audio=[(0, 30, 4)])
-  logits, _ = forward(batch)
-  cut = 33  # inside the audio run: later audio frames and tokens must not leak backwards
-  tokens = batch.tokens.at[:, cut:].set((batch.tokens[:, cut:] + 7) % model_config.vocab_size)
-  audio = batch.audio.at[0, 3].set(batch.audio[0, 3] + 5.0)  # the frame at position 33
-  changed, _ = forward(replace(batch, tokens=tokens, audio=audio))
-  np.testing.assert_allclose(changed[:, :cut], logits[:, :cut], atol=1e-5)
-  assert not np.allclose(changed[:, cut:], logits[:, cut:], atol=1e-3)
+  logits, aux = forward(batch)
+  if dispatch.startswith('capacity'):
+    assert aux['dropped_L'].max() > 0  # the test sees drops
+  rng = np.random.default_rng(0)
+  for cut in (1, 17, 31, 33, 50, 63):
+    new_tokens = rng.integers(0, model_config.vocab_size, batch.tokens.shape, dtype=np.int32)
+    tokens = batch.tokens.at[:, cut:].set(new_tokens[:, cut:])
+    audio = batch.audio.at[0, max(cut - 30, 0):].add(5.0)  # frame i sits at position 30 + i
+    changed, _ = forward(replace(batch, tokens=tokens, audio=audio))
+    np.testing.assert_allclose(changed[:, :cut], logits[:, :cut], atol=1e-5, err_msg=f'{cut}')
+    assert not np.allclose(changed[:, cut:], logits[:, cut:], atol=1e-3)
 
 
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
@@ -51,10 +78,11 @@ def test_editing_one_document_never_changes_another(test_config, dispatch):
   decoder, model_config = build(test_config, moe_dispatch=dispatch, capacity_factor=4.0)
   forward = jit_forward(decoder)
   batch = make_batch(model_config, documents=((30, 20), (40, 24)))
-  logits, _ = forward(batch)
+  logits, aux = forward(batch)
   first = batch.segment_ids == 1
   tokens = jnp.where(first, (batch.tokens + 1) % model_config.vocab_size, batch.tokens)
-  changed, _ = forward(replace(batch, tokens=tokens))
+  changed, changed_aux = forward(replace(batch, tokens=tokens))
+  assert aux['dropped_L'].max() == changed_aux['dropped_L'].max() == 0
   others = ~np.asarray(first)
   np.testing.assert_allclose(np.asarray(changed)[others], np.asarray(logits)[others], atol=1e-5)
   assert not np.allclose(np.asarray(changed)[~others], np.asarray(logits)[~others], atol=1e-3)
