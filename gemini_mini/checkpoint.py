@@ -31,6 +31,14 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used; the message names the reason and the fix."""
 
 
+def unreadable(directory: pathlib.Path, step: int, what: str, error: Exception) -> CheckpointError:
+  """The error for a step whose files cannot be read. The files may be fine (a full disk, a
+  permission), so the fix sets the step aside and keeps it."""
+  return CheckpointError(
+      f'{directory}/{step}: cannot read {what} ({error}); if its files are damaged, move '
+      f'{directory}/{step} out of {directory} to use the step before it')
+
+
 def _reader(directory: pathlib.Path) -> ocp.CheckpointManager:
   """A manager that reads the state as a plain pytree: its metadata, or any subtree of it."""
   return ocp.CheckpointManager(directory, item_handlers={
@@ -59,8 +67,7 @@ def read_config(directory: str | pathlib.Path) -> tuple[int, dict]:
       saved = manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore()))['config']
     except Exception as error:  # Orbax raises many types for unreadable files
-      raise CheckpointError(f'{directory}/{step}: cannot read the saved config ({error}); '
-                            'delete this step directory to fall back to an earlier one') from error
+      raise unreadable(directory, step, 'the saved config', error) from error
   finally:
     manager.close()
   return step, config_lib.migrate_saved(saved)
@@ -143,8 +150,7 @@ def check_params(directory: str | pathlib.Path, step: int, saved_model: dict,
   try:
     saved = _tree(manager.item_metadata(step)['state']['params'])
   except Exception as error:  # Orbax raises many types for unreadable files
-    raise CheckpointError(f'{directory}/{step}: cannot read the saved parameter tree ({error}); '
-                          'delete this step directory to fall back to an earlier one') from error
+    raise unreadable(directory, step, 'the saved parameter tree', error) from error
   finally:
     manager.close()
   built = _built(model_config)
@@ -181,8 +187,7 @@ def restore_params(directory: str | pathlib.Path, step: int, abstract: nnx.State
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
   except Exception as error:
-    raise CheckpointError(f'{directory}/{step}: cannot restore the parameters ({error}); '
-                          'delete this step directory to fall back to an earlier one') from error
+    raise unreadable(directory, step, 'the parameters', error) from error
   finally:
     manager.close()
   return restored['state']['params']

@@ -13,7 +13,8 @@ import pathlib
 
 import orbax.checkpoint as ocp
 
-from gemini_mini.checkpoint import ITEMS, CheckpointError, check_params, read_config, remedy
+from gemini_mini.checkpoint import (
+    ITEMS, CheckpointError, check_params, read_config, remedy, unreadable)
 from gemini_mini.config import ModelConfig
 
 # What a resumed run must share with the saved one besides its parameter tree: the rows it
@@ -76,8 +77,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as error:
-      raise CheckpointError(f'{self.directory}/{step}: cannot restore the train state ({error}); '
-                            'delete this step directory to fall back to an earlier one') from error
+      raise unreadable(self.directory, step, 'the train state', error) from error
     return step, restored['state'], restored['data']
 
   def wait(self) -> None:
