@@ -7,8 +7,8 @@ expert every token uses. Two dispatches:
 * ``capacity``: each expert takes at most ``C = ceil(capacity_factor * T * k / E)`` slots per
   sequence, in token order; the slots past them are dropped (they add nothing) and counted in
   ``aux['dropped']``. Token order keeps it causal: a later token never takes an earlier one's
-  place. ``C`` follows the length of each call, so a prompt or a decoding step drops other
-  slots than the training forward: ``infer.generate`` decodes with ``dropless``.
+  place. ``C`` follows the length of each call (``infer.generate`` says what that means for
+  decoding).
 * ``dropless``: every routed slot is computed.
 
 ``moe_layout.py`` lays the slots out as expert rows (``Layout``: which one and why). The
