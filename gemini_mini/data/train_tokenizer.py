@@ -9,7 +9,9 @@ document, is left out.
 Model: unigram, 8192 pieces, identity normalisation with every space kept and
 ``add_dummy_prefix`` off (so code and text round-trip exactly), digits split, byte fallback,
 ``\\n`` a piece of its own, and the special tokens of ``gemini_mini.modalities.text`` as
-control symbols at fixed ids.
+control symbols at fixed ids. The conversation tokens (``text.TURN_TOKENS``) then replace the
+learned pieces of lowest score, the last ids (``reserve_last_ids``): they were added after
+models had been trained, and taking the rarest pieces' places kept every other id.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import pathlib
 import time
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from gemini_mini.data import sources
 from gemini_mini.data import text_corpus
@@ -63,7 +66,25 @@ def train(lines: list[str], output: pathlib.Path) -> None:
       eos_piece='<eos>', unk_piece='<unk>', control_symbols=list(special),
       user_defined_symbols=['\n'], input_sentence_size=0, shuffle_input_sentence=False,
       num_threads=os.cpu_count() or 1, minloglevel=2)
-  output.write_bytes(model.getvalue())
+  output.write_bytes(reserve_last_ids(model.getvalue(), text_lib.TURN_TOKENS))
+
+
+def reserve_last_ids(model: bytes, pieces: tuple[str, ...]) -> bytes:
+  """The serialized SentencePiece ``model`` with its last ``len(pieces)`` pieces turned into
+  the control symbols ``pieces``, in order. A unigram model lists its learned pieces by
+  falling score, so these are the rarest; text that held them is encoded by other pieces
+  or byte fallback."""
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model)
+  normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+  last = proto.pieces[len(proto.pieces) - len(pieces):]
+  if any(entry.type != normal for entry in last):
+    raise ValueError(f'the last {len(pieces)} pieces are not all learned pieces; '
+                     'train with a larger vocab_size')
+  for entry, piece in zip(last, pieces):
+    entry.piece, entry.score = piece, 0.0
+    entry.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+  return proto.SerializeToString()
 
 
 def main() -> None:

@@ -3,7 +3,10 @@
 Ids 0..3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; then the modality tokens
 (``<image>`` and ``<audio>`` placeholders, ``<begin_image>`` ... ``<end_video>``), then one
 time stamp ``<t=Ns>`` per second N in 0..``MAX_TIME_STAMP``, then ``\\n``, the 256 byte
-pieces and the learned pieces. Every special token is one SentencePiece *control* symbol:
+pieces and the learned pieces; the last ids are the conversation tokens ``<user>``,
+``<model>`` and ``<end_of_turn>`` (``modalities.conversation``), put in place of the three
+rarest learned pieces after training, so that adding them left every other id as it was
+(checkpoints trained before still read the same text). Every special token is one SentencePiece *control* symbol:
 a single id that encoding text never produces (the text ``'<image>'`` becomes the pieces
 ``<``, ``image``, ``>``) and that ``decode`` drops. Modality code inserts special tokens by
 id (``tokenizer.image_id``, ``tokenizer.time_stamp_id(3)``); prompts written as text can
@@ -28,7 +31,8 @@ CONTROL_TOKENS = ('<pad>', '<bos>', '<eos>', '<unk>')
 MODALITY_TOKENS = ('<image>', '<audio>', '<begin_image>', '<end_image>', '<begin_audio>',
                    '<end_audio>', '<begin_video>', '<end_video>')
 TIME_STAMP_TOKENS = tuple(f'<t={second}s>' for second in range(MAX_TIME_STAMP + 1))
-SPECIAL_TOKENS = CONTROL_TOKENS + MODALITY_TOKENS + TIME_STAMP_TOKENS
+TURN_TOKENS = ('<user>', '<model>', '<end_of_turn>')  # the last ids of the vocabulary
+SPECIAL_TOKENS = CONTROL_TOKENS + MODALITY_TOKENS + TIME_STAMP_TOKENS + TURN_TOKENS
 
 
 class TokenizerError(ValueError):
@@ -44,6 +48,8 @@ class Tokenizer:
     image_id, audio_id: the placeholders at image-patch and audio-frame positions.
     begin_image_id, end_image_id, begin_audio_id, end_audio_id, begin_video_id,
     end_video_id: the brackets around an image, a clip of audio and a video.
+    user_id, model_id, end_of_turn_id: a user turn opens with ``<user>``, a model turn with
+      ``<model>``, and each closes with ``<end_of_turn>``.
     ordinary_ids: ``[N] int32``, the ids of learned pieces (``\n`` included; no special,
       unknown or byte-fallback id), for making random text.
   """
@@ -66,6 +72,7 @@ class Tokenizer:
     (self.image_id, self.audio_id, self.begin_image_id, self.end_image_id,
      self.begin_audio_id, self.end_audio_id, self.begin_video_id,
      self.end_video_id) = (ids[p] for p in MODALITY_TOKENS)
+    self.user_id, self.model_id, self.end_of_turn_id = (ids[p] for p in TURN_TOKENS)
     self._special_pattern = re.compile(
         '(' + '|'.join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ')')
 

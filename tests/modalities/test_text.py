@@ -22,7 +22,8 @@ TEXTS = [
 def test_vocab_and_fixed_ids():
   assert TOKENIZER.vocab_size == text_lib.VOCAB_SIZE == 8192
   assert (TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.unk_id) == (0, 1, 2, 3)
-  assert len(SPECIAL_IDS) == len(text_lib.SPECIAL_TOKENS) == 4 + 8 + 256
+  assert len(SPECIAL_IDS) == len(text_lib.SPECIAL_TOKENS) == 4 + 8 + 256 + 3
+  assert (TOKENIZER.user_id, TOKENIZER.model_id, TOKENIZER.end_of_turn_id) == (8189, 8190, 8191)
   assert TOKENIZER.time_stamp_id(255) - TOKENIZER.time_stamp_id(0) == 255
   assert max(SPECIAL_IDS) < TOKENIZER.vocab_size
 
