@@ -58,6 +58,8 @@ class ModelConfig:
   remat: bool = False            # recompute each block's activations in the backward pass
   scan_layers: bool = False      # stack the blocks and lax.scan over groups of moe_every
                                  # layers: compile time independent of depth
+  scalar_head: bool = False      # a scalar per position beside the logits: the reward
+                                 # model's score (train.stage reward), PPO's value (rlhf)
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',

@@ -5,6 +5,7 @@
       x = x + attention(norm(x))            # multi-query attention, RoPE, segment-causal mask
       x = x + ffn(norm(x))                  # gated MLP, or top-k MoE every moe_every-th layer
     logits = unembed(norm(x))               # float32 logits_BTV
+    scalar = head(norm(x))                  # with model.scalar_head: a reward or value, s_BT
 
 With ``model.scan_layers`` the blocks are stacked instead, Flax NNX's way: ``nnx.vmap``
 creates the groups of ``moe_every`` blocks (``moe_every - 1`` dense, then one MoE; one block
@@ -23,7 +24,7 @@ from flax import nnx
 from gemini_mini.batch import Batch, Modality
 from gemini_mini.config import ModelConfig
 from gemini_mini.layers import (
-    Attention, FeatureEmbed, GatedMLP, KVCache, MoE, RMSNorm, TokenEmbed)
+    Attention, FeatureEmbed, GatedMLP, KVCache, MoE, RMSNorm, ScalarHead, TokenEmbed)
 from gemini_mini.parallel import constrain
 
 LAYERS_AXIS = 'layers'  # logical name of the stacked layer-group axis (replicated)
@@ -97,6 +98,10 @@ class Decoder(nnx.Module):
   ``expert_load_LE`` (fraction of routed slots per expert) and
   ``expert_load_by_modality_LME`` (the same, per modality M = text, image, audio).
 
+  With ``model.scalar_head``, ``scalar_head`` reads one number per position from the same
+  final hidden states as the output layer (``hidden``): the reward model's score and PPO's
+  value estimate.
+
   Blocks live in ``blocks`` (one module per layer), or with ``scan_layers`` in ``groups``
   (one ``BlockGroup`` whose parameters are stacked over the groups).
   """
@@ -119,6 +124,8 @@ class Decoder(nnx.Module):
           DecoderBlock(config, use_moe=config.is_moe_layer(i), rngs=rngs)
           for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.d_model, rngs=rngs)
+    if config.scalar_head:
+      self.scalar_head = ScalarHead(config.d_model, rngs=rngs)
 
   def embed(self, batch: Batch) -> jax.Array:
     """``x_BTD``: token embeddings, with each image/audio position replaced by the next
@@ -136,8 +143,14 @@ class Decoder(nnx.Module):
     return x_BTD
 
   def __call__(self, batch: Batch) -> tuple[jax.Array, dict]:
+    h_BTD, aux = self.hidden(batch)
+    return self.text.logits(h_BTD), aux
+
+  def hidden(self, batch: Batch) -> tuple[jax.Array, dict]:
+    """``(h_BTD, aux)``: the normalised final hidden states that the output layer
+    (``text.logits``) and the ``scalar_head`` read."""
     x_BTD, moe_aux, _ = self._blocks(self.embed(batch), batch)
-    return self._logits(x_BTD), self._collect_aux(moe_aux, batch)
+    return self._final(x_BTD), self._collect_aux(moe_aux, batch)
 
   def init_cache(self, batch_size: int, max_length: int) -> tuple[KVCache, ...]:
     """Empty KV caches for ``prefill``: one per layer, or when scanned one per block of a
@@ -156,18 +169,17 @@ class Decoder(nnx.Module):
     kernel. ``last_only`` gives the last position's alone (``T`` = 1), skipping the output
     layer elsewhere: a prompt needs only the logits of the token after it."""
     x_BTD, _, cache = self._blocks(self.embed(batch), batch, cache, prefill=True)
-    return self._logits(x_BTD[:, -1:] if last_only else x_BTD), cache
+    return self.text.logits(self._final(x_BTD[:, -1:] if last_only else x_BTD)), cache
 
   def decode(self, batch: Batch, cache: tuple[KVCache, ...]):
     """Appends ``batch`` (one new token per row, or more) to a ``cache`` that ``prefill``
     wrote, and returns ``(logits_BTV, cache)``: the logits equal the forward pass over
     everything seen."""
     x_BTD, _, cache = self._blocks(self.embed(batch), batch, cache)
-    return self._logits(x_BTD), cache
+    return self.text.logits(self._final(x_BTD)), cache
 
-  def _logits(self, x_BTD):
-    x_BTD = constrain(x_BTD, ('batch', 'length', 'activation_embed'))
-    return self.text.logits(self.final_norm(x_BTD))
+  def _final(self, x_BTD):
+    return self.final_norm(constrain(x_BTD, ('batch', 'length', 'activation_embed')))
 
   def _blocks(self, x_BTD, batch: Batch, cache=None, *, prefill: bool = False):
     """``(x_BTD, moe_aux, cache)``: ``moe_aux`` holds the MoE layers' aux stacked on a

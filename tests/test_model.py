@@ -71,6 +71,29 @@ def test_future_tokens_never_change_past_logits(test_config, kernel, dispatch):
     assert not np.allclose(changed[:, cut:], logits[:, cut:], atol=1e-3)
 
 
+def test_the_scalar_head_reads_the_logits_hidden_states_and_never_the_future(test_config):
+  # Adding the head changes no logit for the same seed; its value is w . h + b at every
+  # position, and a later token never changes an earlier scalar (the reward model reads the
+  # last response position, PPO's value every position).
+  plain, model_config = build(test_config)
+  decoder, _ = build(test_config, scalar_head=True)
+  decoder.scalar_head.w_D[...] = jax.random.normal(jax.random.key(1), (model_config.d_model,))
+  decoder.scalar_head.b[...] = jnp.array(0.5)
+  batch = make_batch(model_config, images=[(0, 10, 4)])
+  logits, _ = plain(batch)
+  h_BTD, _ = decoder.hidden(batch)
+  np.testing.assert_allclose(decoder(batch)[0], logits, atol=1e-6)
+  scalar_BT = decoder.scalar_head(h_BTD)
+  np.testing.assert_allclose(scalar_BT, np.einsum('btd,d->bt', np.asarray(h_BTD),
+                                                  np.asarray(decoder.scalar_head.w_D[...])) + 0.5,
+                             rtol=1e-5, atol=1e-5)
+  cut = 37
+  tokens = batch.tokens.at[:, cut:].set((batch.tokens[:, cut:] + 1) % model_config.vocab_size)
+  changed_BT = decoder.scalar_head(decoder.hidden(replace(batch, tokens=tokens))[0])
+  np.testing.assert_allclose(changed_BT[:, :cut], scalar_BT[:, :cut], atol=1e-5)
+  assert not np.allclose(changed_BT[:, cut:], scalar_BT[:, cut:], atol=1e-3)
+
+
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
 def test_editing_one_document_never_changes_another(test_config, dispatch):
   # Capacity dispatch shares expert slots within a row; with room for every slot it must

@@ -35,8 +35,9 @@ from gemini_mini.layers.attention import Attention, KVCache
 from gemini_mini.layers.mlp import GatedMLP
 from gemini_mini.layers.moe import MoE
 from gemini_mini.layers.embed import FeatureEmbed, TokenEmbed
+from gemini_mini.layers.scalar_head import ScalarHead
 
 __all__ = [
-    'Attention', 'FeatureEmbed', 'GatedMLP', 'KVCache', 'MoE', 'RMSNorm', 'TokenEmbed',
+    'Attention', 'FeatureEmbed', 'GatedMLP', 'KVCache', 'MoE', 'RMSNorm', 'ScalarHead', 'TokenEmbed',
     'apply_rope', 'fan_in_init', 'flatten_tokens', 'param', 'similar_token_reach',
 ]
