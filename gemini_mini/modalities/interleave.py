@@ -11,8 +11,8 @@ frames are kept in order of appearance.
 example that does not fit in what is left of the row, in positions, patches or audio frames,
 starts the next row). Example k of a row is segment k + 1 with positions 0, 1, ...; padding
 is segment 0. ``targets`` is the next token of the same segment (0 elsewhere) and
-``loss_mask`` is 1 exactly where that target exists and is a scored text position (text of a
-segment made with ``loss=True``, the default): the model never learns to predict
+``loss_mask`` is 1 exactly where that target exists and is a scored text position (text or
+an image's or clip's bracket, of a segment made with ``loss=True``, the default): the model never learns to predict
 placeholders, and nothing is predicted across examples. An example that
 can never fit (longer than ``seq_len``, or with more patches or frames than a row holds) is
 rejected, not truncated: a cut image or clip would be meaningless.
@@ -36,8 +36,8 @@ class FlatExample:
     modality: ``[L] int8`` (``Modality``).
     patches: ``[P, I] float32``, one row per image position in order (``[0, 0]`` if none).
     audio: ``[A, I] float32``, one row per audio position in order (``[0, 0]`` if none).
-    scored: ``[L] bool``, the positions training predicts: text of ``loss=True`` segments
-      (image and audio brackets included), never placeholders.
+    scored: ``[L] bool``, the positions training predicts: text and image and audio
+      brackets of ``loss=True`` segments, never placeholders.
   """
 
   tokens: np.ndarray
@@ -81,7 +81,7 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
     count = len(segment.data)
     tokens.append(np.array([begin] + [token_id] * count + [end], np.int32))
     modality.append(np.array([Modality.TEXT] + [kind] * count + [Modality.TEXT], np.int8))
-    scored.append(np.array([True] + [False] * count + [True]))
+    scored.append(np.array([segment.loss] + [False] * count + [segment.loss]))
     items[segment.kind].append(segment.data)
 
   def stack(kind):

@@ -25,8 +25,10 @@ class Segment:
     kind: 'text', 'image' or 'audio'.
     data: text: token ids ``[L] int32``; image: patches ``[P, I] float32`` (``patchify``);
       audio: stacked log-mel frames ``[A, I] float32`` (``stack_frames``). Never empty.
-    loss: text only: whether training predicts these tokens. False for context that cannot be
-      predicted (the first copy of a ``repeat`` span), so it adds no noise to the gradient.
+    loss: whether training predicts these positions: a text segment's tokens, an image's or
+      clip's brackets (its placeholders never are). False for context that cannot or should
+      not be predicted (the first copy of a ``repeat`` span; a conversation's user turn,
+      ``modalities.conversation``), so it adds nothing to the gradient.
   """
 
   kind: Kind
@@ -47,9 +49,6 @@ class Segment:
                          f'{"image.patchify" if self.kind == "image" else "audio.stack_frames"}')
     else:
       raise ValueError(f"segment kind {self.kind!r} is not 'text', 'image' or 'audio'")
-    if not self.loss and self.kind != 'text':
-      raise ValueError(f'{self.kind} positions are never predicted, so loss=False applies to '
-                       'text segments only; drop the argument')
     if len(data) == 0:
       raise ValueError(f'an empty {self.kind} segment; drop it from the example')
 
@@ -60,14 +59,16 @@ class Segment:
     return cls('text', np.asarray(ids, np.int32), loss)
 
   @classmethod
-  def image(cls, patches_PI) -> 'Segment':
-    """One image as patches ``[P, I]`` in row-major patch order."""
-    return cls('image', np.asarray(patches_PI, np.float32))
+  def image(cls, patches_PI, *, loss: bool = True) -> 'Segment':
+    """One image as patches ``[P, I]`` in row-major patch order; ``loss=False`` keeps its
+    brackets out of the training loss."""
+    return cls('image', np.asarray(patches_PI, np.float32), loss)
 
   @classmethod
-  def audio(cls, frames_AI) -> 'Segment':
-    """One audio clip as stacked log-mel frames ``[A, I]`` in time order."""
-    return cls('audio', np.asarray(frames_AI, np.float32))
+  def audio(cls, frames_AI, *, loss: bool = True) -> 'Segment':
+    """One audio clip as stacked log-mel frames ``[A, I]`` in time order; ``loss=False``
+    keeps its brackets out of the training loss."""
+    return cls('audio', np.asarray(frames_AI, np.float32), loss)
 
   def __repr__(self):
     unscored = '' if self.loss else ', loss=False'

@@ -73,8 +73,20 @@ def test_unscored_text_is_never_a_target_in_the_loss():
   # (targets of positions 1 and 2) and the placeholder drop out.
   assert batch.loss_mask[0].tolist() == [1, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 0]
   assert batch.targets[0, :8].tolist() == [100, 101, 102, BOI, IMG, EOI, 103, 2]
-  with pytest.raises(ValueError, match='loss=False applies to text segments only'):
-    Segment('image', patches, loss=False)
+
+
+def test_an_unscored_image_or_clip_keeps_its_brackets_out_of_the_loss():
+  """``Segment.image(..., loss=False)`` (an image in a user turn) scores neither bracket."""
+  patches = RNG.normal(size=(1, PATCH_DIM)).astype(np.float32)
+  frames = RNG.normal(size=(1, AUDIO_DIM)).astype(np.float32)
+  example = interleave.flatten([Segment.text([1]), Segment.image(patches, loss=False),
+                                Segment.audio(frames, loss=False), Segment.text([103, 2])],
+                               TOKENIZER)
+  # tokens 1 BOI IMG EOI BOA AUD EOA 103 2
+  np.testing.assert_array_equal(
+      example.scored, [True, False, False, False, False, False, False, True, True])
+  batch, _ = pack([example], batch_size=1, seq_len=10)
+  assert batch.loss_mask[0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 0, 0]
 
 
 def text_example(marker, length):
