@@ -192,14 +192,17 @@ def test_ppo_policy_loss_matches_hand_computed_values_and_clipped_tokens_get_no_
                              atol=1e-7)
 
 
-def test_ppo_value_loss_matches_hand_computed_values():
+def test_ppo_value_loss_matches_hand_computed_values_and_clipped_values_get_no_gradient():
   old = jnp.ones((1, 5))
   values = jnp.array([[1.1, 1.5, 1.5, 0.5, 7.0]])
   returns = jnp.array([[2.0, 2.0, 0.0, 1.0, 0.0]])
   mask = jnp.array([[1.0, 1.0, 1.0, 1.0, 0.0]])
   loss = objectives.ppo_value_loss(values, old, returns, mask, value_clip=0.2)
-  # max of unclipped and clipped squared errors: 0.81; max(0.25, 0.64); max(2.25, 1.44); max(0.25, 0.04)
+  # max(unclipped, clipped) squared errors: 0.81; max(0.25, 0.64); max(2.25, 1.44); max(0.25, 0.04)
   np.testing.assert_allclose(loss, 0.5 * (0.81 + 0.64 + 2.25 + 0.25) / 4, rtol=1e-5)
+  grad = jax.grad(lambda v: objectives.ppo_value_loss(v, old, returns, mask, 0.2))(values)
+  # (V - R) / 4 where the unclipped error is the larger; zero where the clipped one is, or masked.
+  np.testing.assert_allclose(grad, [[-0.9 / 4, 0, 1.5 / 4, -0.5 / 4, 0]], rtol=1e-5, atol=1e-7)
 
 
 def test_entropy_matches_an_exact_numpy_sum():
