@@ -2,9 +2,9 @@
 
 Builds what is missing under DIR (default ``data``): the datasets the training tasks
 (``tasks.TASKS``) read: the text corpus (``text_corpus``), image-caption pairs
-(``image_caption``), speech-transcript pairs (``speech``) and video clips (``video_clips``),
-with progress bars, then prints each one's summary (examples, tokens or seconds per split)
-and build time. Needs Debian packages (fonts, espeak-ng, documentation): run as root it
+(``image_caption``), speech-transcript pairs (``speech``), video clips (``video_clips``) and
+the post-training items over them (``post_training``), with progress bars, then prints each
+one's summary (examples, tokens or seconds per split) and build time. Needs Debian packages (fonts, espeak-ng, documentation): run as root it
 installs missing ones with apt-get, otherwise it exits with the ``apt-get install`` line.
 ``--subset small`` builds tiny samples in seconds (tests, CI). ``ensure()`` is the same for
 code (``train.py`` calls it on first use, for the tasks its mixture uses).
@@ -15,12 +15,13 @@ import pathlib
 import sys
 import time
 
-from gemini_mini.data import image_caption, sources, speech, tasks, text_corpus, video_clips
+from gemini_mini.data import (image_caption, post_training, sources, speech, tasks, text_corpus,
+                              video_clips)
 
 SUBSETS = ('full', 'small')
 # Each provides NAME, builder(data_dir, subset), install_missing(), check_installed() and
-# summary(builder).
-DATASETS = (text_corpus, image_caption, speech, video_clips)
+# summary(builder), and may name in REQUIRES the datasets it is built from (earlier here).
+DATASETS = (text_corpus, image_caption, speech, video_clips, post_training)
 
 
 def ensure_dataset(module, data_dir: str, subset: str = 'full'):
@@ -46,13 +47,15 @@ def ensure_dataset(module, data_dir: str, subset: str = 'full'):
 def ensure(data_dir: str, subset: str = 'full', weights: dict[str, float] | None = None,
            *, verbose: bool = False) -> dict:
   """Builds the datasets that the tasks with a positive weight read (all when ``weights``
-  is None).
+  is None), and those they are built from.
 
   Returns:
     Dataset name (``NAME``) -> its builder.
   """
   needed = {task.dataset.NAME for task in tasks.TASKS
             if task.dataset is not None and (weights is None or weights.get(task.name, 0) > 0)}
+  needed |= {required.NAME for module in DATASETS if module.NAME in needed
+             for required in getattr(module, 'REQUIRES', ())}
   built = {}
   for module in DATASETS:
     if module.NAME in needed:
