@@ -75,6 +75,8 @@ def _open_split(task: tasks_lib.Task, data_dir: str, subset: str, split: str):
   task that needs no dataset."""
   if task.dataset is None:
     return None, None
+  # A dataset whose splits are named otherwise maps the mixture's (post_training: train -> sft).
+  split = getattr(task.dataset, 'MIXTURE_SPLITS', {}).get(split, split)
   builder = task.dataset.builder(data_dir, subset)
   command = f'`python -m gemini_mini.data.prepare --subset {subset} --data-dir {data_dir}`'
   if not builder.is_prepared():

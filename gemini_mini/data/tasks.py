@@ -20,6 +20,8 @@ repeat          (generated)          ``<bos>Repeat:`` {span, out of the loss} | 
 word_frame      video_clips          ``<bos>`` image ``Word:`` | `` {word}<eos>``
 keyword         speech_transcripts   ``<bos>`` keyword utterance ``Secret word:`` | `` {word}<eos>``
 needle_list     (generated)          ``<bos>`` needles alone, questions | `` {value}<eos>``
+demonstrations  post_training        ``<bos><user>`` question ``<end_of_turn><model>`` |
+                                     {demonstration}``<end_of_turn>``
 ==============  ===================  =====================================================
 
 A video is ``<begin_video>``, then each second's time stamp and frame, then ``<end_video>``
@@ -28,7 +30,10 @@ holds, and keeps exactly one frame showing a word: the answer names the word and
 it is shown, a video needle in a haystack. A text haystack hides 1 to 10 ``needles``
 (key-value sentences) in real documents and asks for each value in turn (the evaluation
 asks for one); an audio haystack hides one
-spoken "The secret word is {word}." among read sentences (``audio_haystack``). A task reads as
+spoken "The secret word is {word}." among read sentences (``audio_haystack``). A
+demonstration is a post-training conversation (``modalities.conversation``) whose user turn
+is out of the loss: supervised fine-tuning (SFT) is the mixture with this task alone, reading
+``post_training``'s ``sft`` split (its ``eval`` split for the held-out loss). A task reads as
 many records as it needs and draws its choices (lengths, depths, keys) from a seeded
 generator, so every example is reproducible.
 """
@@ -45,6 +50,7 @@ from gemini_mini.data import (
   examples,
   image_caption,
   needles,
+  post_training,
   repeat,
   speech,
   text_corpus,
@@ -58,6 +64,7 @@ from gemini_mini.data.examples import (
   audio_frames,
   log_uniform,
 )
+from gemini_mini.modalities import conversation
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities import video as video_lib
 from gemini_mini.modalities.segments import Segment
@@ -227,6 +234,14 @@ def needle_list_example(next_record: NextRecord, tokenizer: Tokenizer, rng: np.r
                          asked, tokenizer) + [answer(values[asked[-1]], tokenizer)]
 
 
+def demonstration_example(next_record: NextRecord, tokenizer: Tokenizer, rng,
+                          room: Room) -> Example:
+  """A ``post_training`` item's conversation with its SFT demonstration as the reply."""
+  del rng, room
+  item = next_record()  # post_training's records are Items
+  return conversation.conversation(item.user_segments(tokenizer), item.demonstration, tokenizer)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """One entry of the mixture.
@@ -261,5 +276,6 @@ TASKS = (
     Task('word_frame', video_clips, word_frame_example),
     Task('keyword', audio_haystack, audio_haystack.keyword_example),
     Task('needle_list', None, needle_list_example),
+    Task('demonstrations', post_training, demonstration_example),
 )
 TASK_NAMES = tuple(task.name for task in TASKS)

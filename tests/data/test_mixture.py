@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gemini_mini.batch import Modality, check_batch
-from gemini_mini.data import (arithmetic, examples, image_caption, mixture, needles, tasks,
-                              text_corpus, video_clips)
+from gemini_mini.data import (arithmetic, examples, image_caption, mixture, needles,
+                              post_training, tasks, text_corpus, video_clips)
 from gemini_mini.data.mixture import DataError, Mixture
 from gemini_mini.modalities import image as image_lib
 from gemini_mini.modalities.text import Tokenizer
@@ -348,3 +348,27 @@ def test_needle_lists_ask_every_needle_once_and_fit_the_row():
     counts.append(len(listed))
   assert min(counts[:40]) == 2 and max(counts[:40]) == tasks.MAX_LISTED_NEEDLES
   assert max(counts[40:]) < tasks.MAX_LISTED_NEEDLES
+
+
+def test_demonstrations_are_sft_conversations_scored_on_the_model_turn_only(small_data_dir):
+  """``demonstrations`` rows hold whole conversations of the ``sft`` split: ``<bos><user>``
+  ... ``<end_of_turn><model>`` reply ``<end_of_turn>``, the loss on the reply alone."""
+  tokenizer = Tokenizer()
+  sft = post_training.builder(small_data_dir, 'small').as_data_source('sft')
+  demonstrations = {sft[i].demonstration for i in range(len(sft))}
+  [batch], _ = batches(small_data_dir, 1, weights={'demonstrations': 1.0}, batch_size=2,
+                       seq_len=768, shapes=dict(SHAPES, num_audio_frames=512))
+  count = 0
+  for row in range(2):
+    for segment in range(1, batch.segment_ids[row].max() + 1):
+      where = np.nonzero(batch.segment_ids[row] == segment)[0]
+      tokens = batch.tokens[row][where]
+      model = int(np.nonzero(tokens == tokenizer.model_id)[0][0])
+      assert tokens[:2].tolist() == [tokenizer.bos_id, tokenizer.user_id]
+      assert tokens[model - 1] == tokens[-1] == tokenizer.end_of_turn_id
+      assert tokenizer.decode(tokens[model + 1:-1]) in demonstrations
+      expected = np.zeros(len(where))
+      expected[model:-1] = 1  # <model> predicts the reply's first token ... <end_of_turn>
+      np.testing.assert_array_equal(batch.loss_mask[row][where], expected)
+      count += 1
+  assert count >= 2
