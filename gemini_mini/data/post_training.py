@@ -2,23 +2,21 @@
 
 An ``Item`` is one question with its source, in a ``conversation``'s user turn:
 
-==============  ========  ================================================  ==========================
-kind            modality  user turn                                         reference reply
-==============  ========  ================================================  ==========================
-document        text      a short real document (``text_corpus``) with 1-4  ``The special magic number
-                          needles, ``Question: What is the special magic    for {key} is {value}.``
-                          number for {key}?``
-word_image      image     a ``video_clips`` frame, ``What word is written   ``The word is {WORD}.``
-                          in the image?``
-keyword_audio   audio     a keyword utterance (``speech`` ``keywords_*``),  ``The secret word is
-                          ``What is the secret word?``                      {word}.``
-caption         image     an ``image_caption`` image, ``What does the       ``The image shows
-                          image show?``                                     {caption}.``
-transcript      audio     a read sentence (``speech``), ``What is said in   ``{transcript}``
-                          the audio?``
-sum             text      ``What is {a} + {b}?`` (``arithmetic``, two       ``{a} + {b} = {c}. The
-                          operands)                                         answer is {c}.``
-==============  ========  ================================================  ==========================
+* ``document`` (text): a short real document (``text_corpus``) with 1-4 needles, then
+  ``Question: What is the special magic number for {key}?`` ->
+  ``The special magic number for {key} is {value}.``
+* ``word_image`` (image): a ``video_clips`` frame, ``What word is written in the image?`` ->
+  ``The word is {WORD}.``
+* ``keyword_audio`` (audio): a keyword utterance (``speech``'s ``keywords_*``),
+  ``What is the secret word?`` -> ``The secret word is {word}.``
+* ``caption`` (image): an ``image_caption`` image, ``What does the image show?`` ->
+  ``The image shows {caption}.``
+* ``transcript`` (audio): a read sentence (``speech``), ``What is said in the audio?`` ->
+  ``{transcript}``
+* ``sum`` (text): ``What is {a} + {b}?`` (``arithmetic``, two operands) ->
+  ``{a} + {b} = {c}. The answer is {c}.``
+
+Every reply is at most ``MAX_REPLY_TOKENS`` long, so a policy writes it whole.
 
 The first three have *unanswerable* items whose right reply says so, in one fixed phrasing
 per kind (``REFUSALS``): the asked key is in no needle (``The document does not mention
@@ -64,9 +62,12 @@ a knob at load time, not baked into the data.
 
 **Splits**, disjoint by construction: ``sft`` (demonstrations) and ``preference`` (pairs)
 draw from the sources' train splits, ``sft`` from their even record indices and
-``preference`` from the odd ones, with train needle keys; ``eval`` (held out, 50%
-unanswerable) from the sources' held-out splits (eval documents, emoji, voices and digit
-images) and ``needles.draw_keys(rng, 'eval', n)`` keys, with ``arithmetic``'s eval sums.
+``preference`` from the odd ones, with train needle keys; ``eval`` (held out) from the
+sources' held-out splits (eval documents, emoji, voices and digit images) and
+``needles.draw_keys(rng, 'eval', n)`` keys, with ``arithmetic``'s eval sums. ``preference``
+and ``eval`` are 50% unanswerable (``UNANSWERABLE_SHARE``, of the kinds that have such
+items), so the reward model learns both halves alike and the held-out hallucination rate
+and recall are measured on as many items each.
 A record stores text and references into the prepared sources (dataset, split, record
 index, frame), not pixels or samples: ``Item.user_segments`` reads them (each source split
 opened once per process). Item ``i`` of a split comes from an RNG seeded by a hash of
@@ -107,6 +108,7 @@ DISTRACTOR_SHARE = 0.5        # of answerable documents with 2+ needles
 REJECTED_REFUSAL_SHARE = 0.25  # of answerable items' rejected replies
 DOCUMENT_TOKENS = (48, 240)   # a document's length before its needles, inclusive
 MAX_NEEDLES = 4
+MAX_REPLY_TOKENS = 30          # every reply fits the 32 new tokens a policy generates
 SCORES = {'correct': 1.0, 'refused': 0.0, 'other': -0.5, 'hallucinated': -1.0}
 
 QUESTIONS = {'document': 'Question: What is the special magic number for {key}?',
@@ -420,15 +422,22 @@ def _keyword_audio(rng, sources: _Sources, answerable: bool, confusable: bool) -
 
 
 def _described(rng, sources: _Sources, kind: str) -> dict:
-  """A caption or transcript item; rejected: another record's caption or transcript."""
+  """A caption or transcript item; rejected: another record's caption or transcript. Both
+  replies are at most ``MAX_REPLY_TOKENS`` long (a few read sentences are longer)."""
   dataset, field = ((image_caption.NAME, 'caption') if kind == 'caption'
                     else (speech.NAME, 'transcript'))
-  split = sources.source_split()
-  index, record = sources.draw(rng, dataset, split)
-  answer = examples.as_str(record[field])
-  while (wrong := examples.as_str(sources.draw(rng, dataset, split)[1][field])) == answer:
-    pass
-  form = 'The image shows {}.' if kind == 'caption' else '{}'
+  split, form = sources.source_split(), 'The image shows {}.' if kind == 'caption' else '{}'
+
+  def draw(other_than: str = '') -> tuple[int, str]:  # a record whose reply is short
+    while True:
+      index, record = sources.draw(rng, dataset, split)
+      text = examples.as_str(record[field])
+      short = len(sources.tokenizer.encode(form.format(text))) <= MAX_REPLY_TOKENS
+      if text != other_than and short:
+        return index, text
+
+  index, answer = draw()
+  _, wrong = draw(other_than=answer)
   return dict(media=Media(dataset, split, index), answer=answer, question=QUESTIONS[kind],
               reference=form.format(answer), rejected=form.format(wrong))
 

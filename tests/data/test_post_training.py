@@ -18,6 +18,9 @@ def items(small_data_dir):
           for split in post_training.SPLITS}
 
 
+TOKENIZER = Tokenizer()
+
+
 def item(kind, answer='', *, key='', reference=''):
   """A hand-made item: answerable when ``answer`` is given."""
   return Item(kind=kind, answerable=bool(answer), question='', context='', answer=answer,
@@ -88,9 +91,11 @@ def test_the_judge_on_hand_written_replies(case):
   assert verdict.score == post_training.SCORES[outcome]
 
 
-def test_references_are_right_rejected_replies_wrong_and_labels_follow_the_judge(items):
+def test_replies_are_short_references_right_rejected_wrong_labels_from_the_judge(items):
   for split, split_items in items.items():
     for example in split_items:
+      for reply in (example.reference, example.rejected, example.demonstration):
+        assert len(TOKENIZER.encode(reply)) <= post_training.MAX_REPLY_TOKENS
       assert judge(example, example.reference).correct, example
       assert not judge(example, example.rejected).correct, example
       chosen, rejected = post_training.preference_pair(example)
