@@ -152,8 +152,16 @@ class DataConfig:
              'weight, e.g. data.weights.text=1')
 
 
+STAGES = ('pretrain', 'sft', 'reward', 'rlhf', 'dpo')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  # pretrain: the task mixture; sft: the same loop on demonstrations (loss on model turns);
+  # reward: Bradley-Terry on preference pairs (model.scalar_head); rlhf: PPO against a reward
+  # model; dpo: DPO on the preference pairs (docs/post_training.md)
+  stage: Literal['pretrain', 'sft', 'reward', 'rlhf', 'dpo'] = 'pretrain'
+  init_from: str = ''            # a train.run_dir whose parameters this run starts from
   steps: int = 1200
   batch_size: int = 8            # global: split over processes, devices and micro-batches
   seq_len: int = 512
@@ -190,6 +198,48 @@ class TrainConfig:
     _require(self.batch_size % self.grad_accum_steps == 0, 'train.grad_accum_steps',
              f'{self.grad_accum_steps} does not divide train.batch_size ({self.batch_size})')
     _require(bool(self.run_dir), 'train.run_dir', 'must name a directory')
+    _require(self.stage == 'pretrain' or bool(self.init_from), 'train.init_from',
+             f'train.stage {self.stage} starts from another run\'s parameters; set '
+             'train.init_from=RUN_DIR (for sft a pretrain run, for reward, rlhf and dpo an sft '
+             'run)')
+    _require(self.stage != 'pretrain' or not self.init_from, 'train.init_from',
+             'pretraining starts from random parameters; drop train.init_from, or set '
+             'train.stage=sft to fine-tune that run')
+    _require(not self.init_from or pathlib.Path(self.init_from).resolve()
+             != pathlib.Path(self.run_dir).resolve(), 'train.init_from',
+             f'{self.init_from} is this run\'s own train.run_dir; pass another run')
+
+
+@dataclasses.dataclass(frozen=True)
+class PostConfig:
+  """The post-training stages' settings (``train.stage`` reward, rlhf and dpo)."""
+
+  label_noise: float = 0.0       # reward, dpo: fraction of preference labels flipped
+  dpo_beta: float = 0.1          # dpo: the implicit reward's scale (KL strength)
+  reward_from: str = ''          # rlhf: the reward model's train.run_dir
+  kl_coef: float = 0.05          # rlhf: per-token KL penalty to the frozen SFT model
+  kl_target: float = 0.0         # rlhf: > 0 adapts kl_coef towards this KL per response
+  kl_horizon: int = 10_000       # rlhf: the adaptive controller's horizon, in responses
+  clip_ratio: float = 0.2        # rlhf: PPO's policy ratio clip
+  value_clip: float = 0.2        # rlhf: PPO's value clip
+  value_weight: float = 0.5      # rlhf: the value loss's weight beside the policy loss
+  gamma: float = 1.0             # rlhf: discount over response tokens
+  gae_lambda: float = 0.95       # rlhf: generalised advantage estimation's lambda
+  ppo_epochs: int = 2            # rlhf: updates on each batch of rollouts
+  max_new_tokens: int = 32       # rlhf: longest sampled response
+  temperature: float = 1.0       # rlhf: rollout sampling temperature
+
+  def __post_init__(self):
+    _require(0 <= self.label_noise < 0.5, 'post.label_noise',
+             f'must be in [0, 0.5) (at 0.5 labels carry no signal), got {self.label_noise}')
+    for name in ('dpo_beta', 'clip_ratio', 'value_clip', 'temperature', 'gamma'):
+      _require(getattr(self, name) > 0, f'post.{name}', f'must be positive, got {getattr(self, name)}')
+    for name in ('kl_coef', 'kl_target', 'value_weight'):
+      _require(getattr(self, name) >= 0, f'post.{name}', f'must be >= 0, got {getattr(self, name)}')
+    for name in ('kl_horizon', 'ppo_epochs', 'max_new_tokens'):
+      _require(getattr(self, name) > 0, f'post.{name}', f'must be positive, got {getattr(self, name)}')
+    _require(0 <= self.gae_lambda <= 1 and self.gamma <= 1, 'post.gae_lambda',
+             f'gae_lambda and gamma must be in [0, 1], got {self.gae_lambda} and {self.gamma}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +312,17 @@ class Config:
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
   eval: EvalConfig = EvalConfig()
+  post: PostConfig = PostConfig()
 
   def __post_init__(self):
+    stage = self.train.stage
+    _require(stage != 'rlhf' or bool(self.post.reward_from), 'post.reward_from',
+             'train.stage rlhf needs a reward model; set post.reward_from to the run_dir of a '
+             'train.stage=reward run')
+    _require(self.model.scalar_head == (stage in ('reward', 'rlhf')), 'model.scalar_head',
+             f'train.stage {stage} {"needs" if stage in ("reward", "rlhf") else "has no use for"} '
+             f'the scalar head (the reward model\'s score, PPO\'s value); set '
+             f'model.scalar_head={str(stage in ("reward", "rlhf")).lower()}')
     _require(self.train.seq_len <= self.model.max_length, 'train.seq_len',
              f'{self.train.seq_len} exceeds model.max_length ({self.model.max_length}); '
              'shorten train.seq_len or raise model.max_length')

@@ -1,6 +1,8 @@
 """The training run: set up (or resume), step, log, evaluate, checkpoint, stop cleanly.
 
-``run(config)`` is what ``train.py`` calls. A run directory holds ``checkpoints/``,
+``run(config)`` is what ``train.py`` calls, for every ``train.stage``: the stage object
+(``make_stage``) holds what differs (model, data, step, held-out evaluation), this loop the
+rest. A run directory holds ``checkpoints/``,
 ``tensorboard/`` and ``metrics.jsonl``; started again on the same directory, the run resumes
 from its latest complete checkpoint, data iterator included, and reaches the same parameters
 and losses as an uninterrupted run. SIGINT/SIGTERM (Ctrl-C, preemption) finish the current
@@ -26,6 +28,7 @@ from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
+from gemini_mini.train import runs
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
@@ -125,42 +128,119 @@ def check_divisibility(config: Config, mesh) -> None:
                       f'{jax.process_count()} processes')
 
 
+class LanguageModelStage:
+  """``pretrain`` and ``sft``: next-token loss on the task mixture. For ``sft`` the mixture is
+  the demonstrations, whose loss covers the model's turns only (``modalities.conversation``),
+  and the parameters start from ``train.init_from``.
+
+  Every stage offers what ``run`` uses: ``abstract`` (the train state's restore target),
+  ``datasets()`` (the tasks whose data must be prepared), ``init_state()``,
+  ``open_data(state or None)``, ``data_state()``, ``train(state, step) -> (state, metrics)``
+  (metrics hold ``loss`` and ``params_finite``), ``evaluate(params) -> dict``,
+  ``log_values() -> dict``, ``after_step(step, metrics) -> message or None``,
+  ``tokens_per_step``, ``flops_per_step`` and ``close()``.
+  """
+
+  def __init__(self, config: Config, mesh):
+    t = config.train
+    self.config, self.mesh = config, mesh
+    self.optimizer = make_optimizer(learning_rate=t.learning_rate, steps=t.steps,
+                                    warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                                    grad_clip=t.grad_clip)
+    self.weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
+    self.graphdef, self.shardings, self.abstract = abstract_train_state(
+        config.model, self.optimizer, mesh, t.seed)
+    schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps)
+    self.train_step, self.eval_step = jit_steps(
+        make_train_step(self.graphdef, self.optimizer, schedule, self.weights,
+                        t.grad_accum_steps),
+        make_eval_step(self.graphdef, self.weights), self.shardings, mesh)
+    self.tokens_per_step = t.batch_size * t.seq_len
+    self.flops_per_step = (metrics_lib.train_flops_per_token(config.model, t.seq_len)
+                           * self.tokens_per_step)
+    self.data = None
+
+  def datasets(self) -> dict[str, float]:
+    return self.config.data.weights
+
+  def init_state(self):
+    config = self.config
+    start_from = (None if not config.train.init_from else
+                  lambda fresh: runs.initial_params(config, self.mesh, fresh))
+    return init_train_state(config.model, self.optimizer, self.shardings, config.train.seed,
+                            start_from)
+
+  def open_data(self, state: dict | None) -> None:
+    data = make_train_data(self.config)
+    if state is not None:
+      data.set_state(state)
+    self.data = Prefetch(data)
+
+  def data_state(self) -> dict:
+    return global_data_state(self.data)
+
+  def train(self, state, step: int):
+    del step
+    batch = parallel.host_local_to_global(next(self.data), self.mesh)
+    with jax.set_mesh(self.mesh):
+      return self.train_step(state, batch)
+
+  def evaluate(self, params) -> dict:
+    return evaluate(self.eval_step, params, self.config, self.mesh, self.weights)
+
+  def log_values(self) -> dict:
+    return {f'data/{name}_share': share for name, share in self.data.position_shares().items()}
+
+  def after_step(self, step: int, metrics: dict) -> str | None:
+    # The warm start may end here (data/curriculum.py): before the save, so a checkpoint
+    # holds the iterator state its next step reads.
+    cross_entropy = float(metrics['cross_entropy'])
+    if self.data.report_loss(step, cross_entropy):
+      return f'step {step}: repeats alone end at copy loss {cross_entropy:.3f}; the mixture begins'
+    return None
+
+  def close(self) -> None:
+    if self.data is not None:
+      self.data.close()
+
+
+def make_stage(config: Config, mesh):
+  """The stage ``train.stage`` names (the post-training ones are imported when used)."""
+  stage = config.train.stage
+  if stage in ('pretrain', 'sft'):
+    return LanguageModelStage(config, mesh)
+  if stage in ('reward', 'dpo'):
+    from gemini_mini.train.preference import PreferenceStage  # pylint: disable=import-outside-toplevel
+    return PreferenceStage(config, mesh)
+  from gemini_mini.train.rlhf import RLHFStage  # pylint: disable=import-outside-toplevel
+  return RLHFStage(config, mesh)
+
+
 def run(config: Config) -> dict:
-  """Trains ``config``; returns the last logged metrics."""
+  """Trains ``config`` (the stage ``train.stage`` names); returns the last logged metrics."""
   initialize_distributed(config.mesh)
   mesh = parallel.make_mesh(config.mesh)
   check_divisibility(config, mesh)
   t = config.train
   run_dir = pathlib.Path(t.run_dir)
   is_chief = jax.process_index() == 0
-  optimizer = make_optimizer(learning_rate=t.learning_rate, steps=t.steps,
-                             warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                             grad_clip=t.grad_clip)
-  schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps)
-  weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
   checkpointer = Checkpointer(run_dir / 'checkpoints', keep=t.keep_checkpoints,
                               config=config.to_dict())
+  stage = make_stage(config, mesh)
   if is_chief:  # builds the dataset on first use; the other processes wait for it
-    prepare.ensure(config.data.dir, config.data.subset, config.data.weights)
+    prepare.ensure(config.data.dir, config.data.subset, stage.datasets())
   multihost_utils.sync_global_devices('data prepared')
-  graphdef, shardings, abstract = abstract_train_state(config.model, optimizer, mesh, t.seed)
-  train_data = make_train_data(config)
   if checkpointer.latest_step() is not None:
-    start, state, data_state = checkpointer.restore(abstract)
-    train_data.set_state(data_state)
+    start, state, data_state = checkpointer.restore(stage.abstract)
     message = f'resuming from step {start}'
   else:
-    start, state = 0, init_train_state(config.model, optimizer, shardings, t.seed)
-    message = 'starting'
-  train_data = Prefetch(train_data)
+    start, state, data_state = 0, stage.init_state(), None
+    message = 'starting' + (f' from {t.init_from}' if t.init_from else '')
+  stage.open_data(data_state)
   if is_chief:
-    print(f'gemini_mini: {message}; writing to {run_dir}/ (checkpoints/, tensorboard/, '
-          f'metrics.jsonl); mesh {dict(mesh.shape)}', flush=True)
-  train_step, eval_step = jit_steps(make_train_step(graphdef, optimizer, schedule, weights,
-                                                    t.grad_accum_steps),
-                                    make_eval_step(graphdef, weights), shardings, mesh)
+    print(f'gemini_mini: {t.stage}: {message}; writing to {run_dir}/ (checkpoints/, '
+          f'tensorboard/, metrics.jsonl); mesh {dict(mesh.shape)}', flush=True)
   writer = metrics_lib.MetricsWriter(run_dir, resume_step=start) if is_chief else None
-  flops_per_step = metrics_lib.train_flops_per_token(config.model, t.seq_len) * t.batch_size * t.seq_len
   peak_per_device = t.peak_flops_per_device or metrics_lib.device_peak_flops(jax.devices()[0])
   if peak_per_device is None and is_chief:
     print(f'gemini_mini: MFU not logged: the peak FLOP/s of {jax.devices()[0].device_kind!r} '
@@ -174,9 +254,7 @@ def run(config: Config) -> dict:
   try:
     for step in range(start + 1, t.steps + 1):
       step_start = time.perf_counter()
-      batch = parallel.host_local_to_global(next(train_data), mesh)
-      with jax.set_mesh(mesh):
-        state, step_metrics = train_step(state, batch)
+      state, step_metrics = stage.train(state, step)
       # Waits for the step: a non-finite loss or update must stop the run before any save.
       loss = float(step_metrics.pop('loss'))
       if not (math.isfinite(loss) and bool(step_metrics.pop('params_finite'))):
@@ -192,34 +270,30 @@ def run(config: Config) -> dict:
       if step % t.log_every == 0 or step == t.steps:
         values = {'loss': loss, **metrics_lib.scalars(step_metrics)}
         seconds_per_step = np.mean(step_seconds) if step_seconds else float('nan')
-        values['tokens_per_s'] = t.batch_size * t.seq_len / seconds_per_step
-        values['mfu'] = flops_per_step / seconds_per_step / peak_flops
-        values.update({f'data/{name}_share': share
-                       for name, share in train_data.position_shares().items()})
+        values['tokens_per_s'] = stage.tokens_per_step / seconds_per_step
+        values['mfu'] = stage.flops_per_step / seconds_per_step / peak_flops
+        values.update(stage.log_values())
         step_seconds = []
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-          values.update(evaluate(eval_step, state.params, config, mesh, weights))
+          values.update(stage.evaluate(state.params))
         progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{values["tokens_per_s"]:.0f}')
         if writer:
           writer.write(step, values)
         last = {'step': step, **values}
-      # The warm start may end here (data/curriculum.py): before the save, so a checkpoint
-      # holds the iterator state its next step reads.
-      cross_entropy = float(step_metrics['cross_entropy'])
-      if train_data.report_loss(step, cross_entropy) and is_chief:
-        progress.write(f'step {step}: repeats alone end at copy loss {cross_entropy:.3f}; '
-                       'the mixture begins')
+      message = stage.after_step(step, step_metrics)
+      if message and is_chief:
+        progress.write(message)
       if step % t.checkpoint_every == 0 or step == t.steps:
-        checkpointer.save(step, state, global_data_state(train_data))
+        checkpointer.save(step, state, stage.data_state())
         saved_step = step
       if stop.agreed():
         if saved_step != step:
-          checkpointer.save(step, state, global_data_state(train_data))
+          checkpointer.save(step, state, stage.data_state())
         print(f'stopped at step {step}; saved. Run again with train.run_dir={run_dir} to resume.',
               file=sys.stderr)
         break
   finally:
-    train_data.close()
+    stage.close()
     stop.restore()
     progress.close()
     checkpointer.close()

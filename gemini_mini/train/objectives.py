@@ -27,8 +27,15 @@ def _masked_mean(x_BT, mask_BT):
   return (x_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def _pairwise_accuracy(margin_B):
-  return jnp.mean(jnp.where(margin_B > 0, 1.0, jnp.where(margin_B == 0, 0.5, 0.0)))
+def _pair_mean(x_B, weight_B):
+  """The mean over pairs, or the ``weight_B``-weighted mean (0 for a padding row)."""
+  if weight_B is None:
+    return jnp.mean(x_B)
+  return (x_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1e-9)
+
+
+def _pairwise_accuracy(margin_B, weight_B=None):
+  return _pair_mean(jnp.where(margin_B > 0, 1.0, jnp.where(margin_B == 0, 0.5, 0.0)), weight_B)
 
 
 def token_logprobs(logits_BTV, targets_BT):
@@ -56,27 +63,32 @@ def last_scored_index(loss_mask_BT):
   return jnp.max(jnp.where(loss_mask_BT > 0, t_BT, 0), axis=-1)
 
 
-def bradley_terry(reward_chosen_B, reward_rejected_B):
+def bradley_terry(reward_chosen_B, reward_rejected_B, weight_B=None):
   """``mean(-log sigmoid(rc - rr))``: the negative log-likelihood of the preference under
   Bradley-Terry, ``P(chosen > rejected) = sigmoid(rc - rr)``. Returns ``(loss, accuracy)``,
-  accuracy being the fraction with ``rc > rr`` (ties half)."""
+  accuracy being the fraction with ``rc > rr`` (ties half). ``weight_B``, given, weights the
+  pairs (0 leaves out a padding row of a held-out batch)."""
   _same_shape(reward_chosen_B=reward_chosen_B, reward_rejected_B=reward_rejected_B)
   margin_B = (reward_chosen_B - reward_rejected_B).astype(jnp.float32)
-  return -jnp.mean(jax.nn.log_sigmoid(margin_B)), _pairwise_accuracy(margin_B)
+  return (_pair_mean(-jax.nn.log_sigmoid(margin_B), weight_B),
+          _pairwise_accuracy(margin_B, weight_B))
 
 
-def dpo(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_rejected_B, beta):
+def dpo(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_rejected_B, beta,
+        weight_B=None):
   """Direct preference optimisation (Rafailov et al. 2023): Bradley-Terry on the implicit
   rewards ``r = beta (log pi(y|x) - log ref(y|x))``, the reward under which the KL-regularised
   optimum is the policy itself, so no reward model is needed. Inputs are response
-  log-probabilities (``response_logprob``). Returns ``(loss, metrics)``."""
+  log-probabilities (``response_logprob``); ``weight_B`` as in ``bradley_terry``. Returns
+  ``(loss, metrics)``."""
   _same_shape(policy_chosen_B=policy_chosen_B, policy_rejected_B=policy_rejected_B,
               reference_chosen_B=reference_chosen_B, reference_rejected_B=reference_rejected_B)
   chosen_B = beta * (policy_chosen_B - reference_chosen_B)
   rejected_B = beta * (policy_rejected_B - reference_rejected_B)
-  loss, accuracy = bradley_terry(chosen_B, rejected_B)
-  return loss, {'reward_chosen': chosen_B.mean(), 'reward_rejected': rejected_B.mean(),
-                'reward_margin': (chosen_B - rejected_B).mean(), 'accuracy': accuracy}
+  loss, accuracy = bradley_terry(chosen_B, rejected_B, weight_B)
+  return loss, {'reward_chosen': _pair_mean(chosen_B, weight_B),
+                'reward_rejected': _pair_mean(rejected_B, weight_B),
+                'reward_margin': _pair_mean(chosen_B - rejected_B, weight_B), 'accuracy': accuracy}
 
 
 def kl_penalty(logp_BT, reference_logp_BT, mask_BT, kind='k1'):

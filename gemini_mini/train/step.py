@@ -48,9 +48,20 @@ def abstract_train_state(model_config: ModelConfig, optimizer, mesh, seed: int):
   return graphdef, shardings, abstract
 
 
-def init_train_state(model_config: ModelConfig, optimizer, shardings, seed: int) -> TrainState:
-  """A fresh state, created directly in its shards (no host copy of the full model)."""
-  return jax.jit(_state_factory(model_config, optimizer, seed), out_shardings=shardings)()
+def init_train_state(model_config: ModelConfig, optimizer, shardings, seed: int,
+                     start_from=None) -> TrainState:
+  """A fresh state, created directly in its shards (no host copy of the full model).
+
+  ``start_from``, given, maps the fresh parameters to those the run starts from
+  (``runs.initial_params``: another run's, ``train.init_from``); the optimizer state is new.
+  """
+  if start_from is None:
+    return jax.jit(_state_factory(model_config, optimizer, seed), out_shardings=shardings)()
+  fresh = jax.jit(lambda: nnx.state(Decoder(model_config, rngs=nnx.Rngs(seed))),
+                  out_shardings=shardings.params)()
+  start = lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    opt_state=optimizer.init(params))
+  return jax.jit(start, out_shardings=shardings)(start_from(fresh))
 
 
 def _micro_batches(batch: Batch, count: int) -> Batch:
@@ -60,6 +71,17 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
     x = x.reshape(x.shape[0] // count, count, *x.shape[1:])
     return jnp.moveaxis(x, 1, 0)
   return jax.tree.map(split, batch)
+
+
+def apply_gradients(state: TrainState, grads, optimizer, schedule) -> tuple[TrainState, dict]:
+  """One optimizer update; returns the new state and ``grad_norm``, ``learning_rate`` and
+  ``params_finite`` (whether every updated parameter is finite: the loop stops otherwise)."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+  return (TrainState(step=state.step + 1, params=params, opt_state=opt_state),
+          {'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step),
+           'params_finite': params_finite})
 
 
 def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_accum_steps: int):
@@ -86,13 +108,8 @@ def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_ac
       (grads, sums, router), _ = jax.lax.scan(accumulate, zeros, micro_batches)
       router = jax.tree.map(lambda x: x / grad_accum_steps, router)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = finalize(sums, weights)
-    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-    metrics.update(router, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
-                   params_finite=params_finite)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state, update = apply_gradients(state, grads, optimizer, schedule)
+    return state, {**finalize(sums, weights), **router, **update}
 
   return train_step
 

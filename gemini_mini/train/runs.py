@@ -1,0 +1,85 @@
+"""Parameters of other runs: where a stage starts (``train.init_from``) and the frozen models
+it trains against (DPO's and PPO's reference, PPO's reward model, ``post.reward_from``).
+
+Both are restored as parameters alone (no optimizer state), sharded on this run's mesh by
+the same logical-axis rules as the trained model. A frozen model is built with its own saved
+config, so it needs none of its fields repeated here; the run a stage starts from must build
+this config's decoder, except that a new ``model.scalar_head`` starts at zero (a reward model
+or a value head on top of a fine-tuned decoder).
+"""
+
+import dataclasses
+import pathlib
+
+from flax import nnx
+
+from gemini_mini import checkpoint
+from gemini_mini import config as config_lib
+from gemini_mini.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """Another run's model, for forward passes only."""
+
+  config: config_lib.Config   # as that run saved it
+  graphdef: nnx.GraphDef
+  params: nnx.State           # sharded on this run's mesh
+  step: int
+
+  def model(self, params=None):
+    return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def _checkpoints(run_dir: str, key: str) -> pathlib.Path:
+  directory = pathlib.Path(run_dir) / 'checkpoints'
+  if not directory.is_dir():
+    raise CheckpointError(f'{key}: {run_dir} holds no checkpoints/; pass the train.run_dir of '
+                          'a finished run')
+  return directory
+
+
+def load_frozen(run_dir: str, mesh, *, key: str, stage: str | None = None) -> Frozen:
+  """The latest checkpoint of ``run_dir``, built with its own config. ``key`` is the config
+  field that named it, for errors; ``stage``, when given, is the ``train.stage`` it must be
+  (a reward model must come from a reward run)."""
+  directory = _checkpoints(run_dir, key)
+  try:
+    step, saved = checkpoint.read_config(directory)
+  except CheckpointError as error:
+    raise CheckpointError(f'{key}: {error}') from error
+  config = config_lib.from_dict(saved, f'{directory} (saved config)')
+  if stage is not None and config.train.stage != stage:
+    raise CheckpointError(f'{key}: {run_dir} is a train.stage={config.train.stage} run; pass '
+                          f'the train.run_dir of a train.stage={stage} run')
+  graphdef, abstract = checkpoint.abstract_params(config.model, mesh)
+  return Frozen(config, graphdef, checkpoint.restore_params(directory, step, abstract), step)
+
+
+def initial_params(config: config_lib.Config, mesh, fresh: nnx.State) -> nnx.State:
+  """``fresh`` (this config's newly initialised parameters) with every parameter of
+  ``train.init_from``'s latest checkpoint in place: all of them, or all but a new scalar
+  head.
+
+  Raises:
+    CheckpointError: no usable checkpoint there, or one whose decoder this config does not
+      build (naming the differing paths and the model fields to set).
+  """
+  key = 'train.init_from'
+  directory = _checkpoints(config.train.init_from, key)
+  try:
+    step, saved = checkpoint.read_config(directory)
+    saved_model = saved.get('model', {})
+    # The decoder must be the saved one; the head may be added (sft -> reward, rlhf).
+    wanted = dataclasses.replace(config.model,
+                                 scalar_head=bool(saved_model.get('scalar_head', False)))
+    if wanted.scalar_head and not config.model.scalar_head:
+      wanted = config.model  # a head would be dropped: refused below, naming the field
+    checkpoint.check_params(directory, step, saved_model, wanted,
+                            action=f'start from it ({key})',
+                            otherwise=f'set {key} to a run of this model')
+    _, abstract = checkpoint.abstract_params(wanted, mesh)
+    restored = checkpoint.restore_params(directory, step, abstract)
+  except CheckpointError as error:
+    raise CheckpointError(f'{key}: {error}') from error
+  return nnx.merge_state(fresh, restored)
