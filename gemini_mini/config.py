@@ -259,11 +259,13 @@ class EvalConfig:
   samples: int = 8                # self-consistency: k sampled answers
   consistency_threshold: float = 0.5  # tau: the majority's share needed to beat greedy
   temperature: float = 0.7        # self-consistency sampling temperature
+  factuality_items: int = 300     # factuality, preference: held-out post-training items, in order
+  reward_from: str = ''           # preference: the reward model's run_dir ('' = post.reward_from)
   seed: int = 0
 
   def __post_init__(self):
     for name in ('batch_size', 'trials', 'num_needles', 'perplexity_tokens',
-                 'perplexity_windows', 'task_examples', 'samples'):
+                 'perplexity_windows', 'task_examples', 'samples', 'factuality_items'):
       _require(getattr(self, name) > 0, f'eval.{name}', f'must be positive, got {getattr(self, name)}')
     for name in ('context_lengths', 'video_seconds', 'audio_seconds'):
       values = getattr(self, name)
