@@ -53,19 +53,26 @@ class Generation:
 
 
 def prefill_batch(examples: Sequence[interleave.FlatExample], *, patch_dim: int,
-                  audio_dim: int) -> tuple[Batch, np.ndarray]:
+                  audio_dim: int, length: int | None = None,
+                  bucket: int = 1) -> tuple[Batch, np.ndarray]:
   """Right-aligns ``examples`` in one batch of numpy arrays (see the module docstring).
 
+  Args:
+    length: ``T``, at least the longest example; None: the longest.
+    bucket: the patch and audio-frame axes are rounded up to a multiple of this, so that
+      batches of similar prompts share one compiled prefill.
+
   Returns:
-    ``(batch, lengths_B)``: per-position fields ``[B, T]`` with ``T`` the longest example,
-    row b's patches and audio frames first in ``patches [B, P, patch_dim]`` and
-    ``audio [B, A, audio_dim]``; ``lengths_B`` the examples' lengths.
+    ``(batch, lengths_B)``: per-position fields ``[B, T]``, row b's patches and audio frames
+    first in ``patches [B, P, patch_dim]`` and ``audio [B, A, audio_dim]``; ``lengths_B``
+    the examples' lengths.
   """
   lengths_B = np.array([len(example.tokens) for example in examples], np.int32)
-  batch_size, length = len(examples), int(lengths_B.max())
+  batch_size, length = len(examples), int(lengths_B.max()) if length is None else length
+  round_up = lambda n: -(-n // bucket) * bucket
   # At least one item: the embedder gathers from the item axis even when no row uses it.
-  num_patches = max(1, *(len(example.patches) for example in examples))
-  num_audio = max(1, *(len(example.audio) for example in examples))
+  num_patches = round_up(max(1, *(len(example.patches) for example in examples)))
+  num_audio = round_up(max(1, *(len(example.audio) for example in examples)))
   fields = {name: np.zeros((batch_size, length), dtype) for name, dtype in (
       ('tokens', np.int32), ('modality', np.int8), ('segment_ids', np.int32),
       ('positions', np.int32), ('targets', np.int32), ('loss_mask', np.float32))}
@@ -117,8 +124,13 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
   _check_settings(config, len(prompts), max_new_tokens, temperature, top_k, top_p, stop_ids)
   examples = [interleave.flatten(prompt, tokenizer) for prompt in prompts]
   _check_prompts(config, examples, max_new_tokens)
+  # Prompt lengths and item counts rounded up to CACHE_BUCKET (within model.max_length):
+  # batches of similar prompts (PPO's rollouts, an eval suite's) share compiled programs.
+  longest = max(len(example.tokens) for example in examples)
+  length = min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, config.max_length - max_new_tokens)
   batch, lengths_B = prefill_batch(examples, patch_dim=config.patch_dim,
-                                   audio_dim=config.audio_dim)
+                                   audio_dim=config.audio_dim, length=length,
+                                   bucket=CACHE_BUCKET)
   needed = batch.tokens.shape[1] + max_new_tokens
   cache_length = min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, config.max_length)
   is_stop_V = np.zeros(config.vocab_size, bool)
