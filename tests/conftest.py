@@ -41,3 +41,32 @@ def tiny_run_dir(small_data_dir, tmp_path_factory):
       f'data.dir={small_data_dir}', f'train.run_dir={run_dir}', 'train.steps=2',
       'train.checkpoint_every=2', 'train.eval_every=0', 'data.weights.haystack=0.2']))
   return run_dir
+
+
+def _tiny_post_training_run(small_data_dir, run_dir: str, init_from: str, overrides) -> str:
+  """``configs/test.yaml`` fine-tuned from ``init_from`` for 2 steps on the small
+  post-training items, with a checkpoint; rows long enough for every item's conversation."""
+  from gemini_mini.train import loop
+  loop.run(config_lib.load(TEST_CONFIG, [
+      f'data.dir={small_data_dir}', f'train.run_dir={run_dir}', f'train.init_from={init_from}',
+      'train.steps=2', 'train.checkpoint_every=2', 'train.eval_every=0', 'train.seq_len=512',
+      'data.num_audio_frames=192', *overrides]))
+  return run_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_sft_run_dir(small_data_dir, tiny_run_dir, tmp_path_factory):
+  """``tiny_run_dir`` fine-tuned on demonstrations (``train.stage=sft``) for 2 steps: the SFT
+  model the preference stages and suites start from."""
+  return _tiny_post_training_run(
+      small_data_dir, str(tmp_path_factory.mktemp('tiny_sft_run')), tiny_run_dir,
+      ['train.stage=sft', 'data.weights={demonstrations: 1.0}'])
+
+
+@pytest.fixture(scope='session')
+def tiny_reward_run_dir(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
+  """A reward model (``train.stage=reward``, a scalar head) trained from ``tiny_sft_run_dir``
+  for 2 steps on the small preference pairs."""
+  return _tiny_post_training_run(
+      small_data_dir, str(tmp_path_factory.mktemp('tiny_reward_run')), tiny_sft_run_dir,
+      ['train.stage=reward', 'model.scalar_head=true'])
