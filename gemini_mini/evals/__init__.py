@@ -1,7 +1,9 @@
 """The evaluation suites of ``eval.py``, one module each, every one a ``run(loaded, out_dir)``.
 
 ``SUITES`` maps a suite's name (``--suite``) to its module; ``common`` holds what they share
-(result files, scoring, batched generation).
+(result files, scoring, batched generation). A suite that does not apply to the loaded run's
+``train.stage`` writes nothing and returns ``{'skipped': reason}``, so ``--suite all`` runs on
+any stage.
 """
 
 import importlib
@@ -13,6 +15,7 @@ SUITES = {
     'ruler': 'gemini_mini.evals.ruler',
     'tasks': 'gemini_mini.evals.tasks',
     'self-consistency': 'gemini_mini.evals.self_consistency',
+    'factuality': 'gemini_mini.evals.factuality',
 }
 
 
