@@ -450,21 +450,41 @@ def parse_override(override: str) -> tuple[str, str, object]:
   return section, name, yaml.safe_load(text) if text.strip() else text
 
 
+def _read_yaml(path: pathlib.Path, seen: tuple[pathlib.Path, ...] = ()) -> dict:
+  """A config file's sections, on top of those of the file its ``base:`` key names (a path
+  relative to it): a preset states only what differs from its base, field by field."""
+  if not path.is_file():
+    raise ConfigError(f'{path}: config file not found; pass an existing file such as '
+                      'configs/nano.yaml')
+  try:
+    raw = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as error:
+    raise ConfigError(f'{path}: not valid YAML ({error})') from error
+  if not isinstance(raw, dict):
+    raise ConfigError(f'{path}: expected a mapping of sections, got {type(raw).__name__}')
+  base = raw.pop('base', None)
+  if base is None:
+    return raw
+  base_path = (path.parent / str(base)).resolve()
+  _require(base_path not in seen, f'{path}: base', f'{base} leads back to itself; name a '
+           'file that does not, directly or through its own base')
+  merged = _read_yaml(base_path, seen + (path.resolve(),))
+  for section, fields in raw.items():
+    if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+      merged[section] = {**merged[section], **fields}
+    else:
+      merged[section] = fields
+  return merged
+
+
 def load(path: str | pathlib.Path | None = None, overrides=()) -> Config:
-  """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
+  """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides. A
+  file may start from another with ``base: other.yaml`` (``_read_yaml``)."""
   raw: dict = {}
   source = 'defaults'
   if path is not None:
     path = pathlib.Path(path)
-    if not path.is_file():
-      raise ConfigError(f'{path}: config file not found; pass an existing file such as '
-                        'configs/nano.yaml')
-    try:
-      raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-      raise ConfigError(f'{path}: not valid YAML ({error})') from error
-    if not isinstance(raw, dict):
-      raise ConfigError(f'{path}: expected a mapping of sections, got {type(raw).__name__}')
+    raw = _read_yaml(path)
     source = str(path)
   for override in overrides:
     section, name, value = parse_override(override)

@@ -170,3 +170,34 @@ def test_a_config_saved_with_one_field_per_task_weight_still_loads():
   # Fields left out (saved before their task existed) had their defaults.
   assert config_lib.from_dict({'data': {'haystack_weight': 0.2}}).data.weights == {
       'text': 0.55, 'caption': 0.15, 'speech': 0.15, 'video': 0.15, 'haystack': 0.2}
+
+
+def test_a_preset_states_only_what_differs_from_its_base(tmp_path):
+  (tmp_path / 'base.yaml').write_text(
+      'model: {d_model: 128, num_layers: 2}\ndata: {weights: {text: 1.0, caption: 1.0}}\n'
+      'train: {steps: 7}\n')
+  (tmp_path / 'child.yaml').write_text(
+      'base: base.yaml\nmodel: {num_layers: 3}\ndata: {weights: {arithmetic: 1.0}}\n')
+  config = config_lib.load(tmp_path / 'child.yaml', ['train.seed=5'])
+  assert (config.model.d_model, config.model.num_layers) == (128, 3)  # field by field
+  assert config.data.weights == {'arithmetic': 1.0}  # a mapping is one field: replaced whole
+  assert (config.train.steps, config.train.seed) == (7, 5)
+  (tmp_path / 'loop.yaml').write_text('base: loop.yaml\n')
+  with pytest.raises(config_lib.ConfigError, match='leads back to itself'):
+    config_lib.load(tmp_path / 'loop.yaml')
+  (tmp_path / 'orphan.yaml').write_text('base: missing.yaml\n')
+  with pytest.raises(config_lib.ConfigError, match='missing.yaml: config file not found'):
+    config_lib.load(tmp_path / 'orphan.yaml')
+
+
+def test_post_training_stages_name_what_they_need():
+  with pytest.raises(config_lib.ConfigError, match='train.init_from'):
+    config_lib.load('configs/nano.yaml', ['train.stage=sft'])
+  with pytest.raises(config_lib.ConfigError, match='model.scalar_head'):
+    config_lib.load('configs/nano.yaml', ['train.stage=reward', 'train.init_from=runs/a'])
+  with pytest.raises(config_lib.ConfigError, match='post.reward_from'):
+    config_lib.load('configs/nano_rlhf.yaml', ['post.reward_from='])
+  with pytest.raises(config_lib.ConfigError, match="this run's own"):
+    config_lib.load('configs/nano_sft.yaml', ['train.init_from=runs/nano_sft'])
+  with pytest.raises(config_lib.ConfigError, match='post.label_noise'):
+    config_lib.load('configs/nano_rm.yaml', ['post.label_noise=0.5'])

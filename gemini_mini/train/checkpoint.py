@@ -15,23 +15,27 @@ import orbax.checkpoint as ocp
 
 from gemini_mini.checkpoint import (
     ITEMS, CheckpointError, check_params, read_config, remedy, unreadable)
-from gemini_mini.config import ModelConfig
+from gemini_mini.config import Config, ModelConfig
 
 # What a resumed run must share with the saved one besides its parameter tree: the rows it
 # reads and what a step means. The other fields (steps, learning rate, logging, mesh, where
 # the data lives) may change on resume, and so may model fields that leave the tree as saved.
 RESUME_MUST_MATCH = (
     'data.subset', 'data.num_patches', 'data.num_audio_frames', 'data.weights',
-    'train.batch_size', 'train.seq_len', 'train.seed', 'train.grad_accum_steps')
+    'train.batch_size', 'train.seq_len', 'train.seed', 'train.grad_accum_steps',
+    'train.stage', 'train.init_from', 'post.label_noise', 'post.reward_from')
 
 
 def stream_differences(saved: dict, current: dict) -> dict[str, tuple]:
   """``{'section.field': (saved, current)}`` for every ``RESUME_MUST_MATCH`` field that
   differs, by task for the weights (``'data.weights.text'``; a task left out weighs 0)."""
   differences = {}
+  defaults = Config().to_dict()  # a field saved before it existed had its default
   for key in RESUME_MUST_MATCH:
     section, field = key.split('.')
-    old, new = saved.get(section, {}).get(field), current.get(section, {}).get(field)
+    default = defaults[section][field]
+    old = saved.get(section, {}).get(field, default)
+    new = current.get(section, {}).get(field, default)
     if isinstance(old, dict) and isinstance(new, dict):
       differences.update({f'{key}.{task}': (old.get(task, 0), new.get(task, 0))
                           for task in sorted(old.keys() | new.keys())
