@@ -16,6 +16,7 @@ SUITES = {
     'tasks': 'gemini_mini.evals.tasks',
     'self-consistency': 'gemini_mini.evals.self_consistency',
     'factuality': 'gemini_mini.evals.factuality',
+    'preference': 'gemini_mini.evals.preference',
 }
 
 
