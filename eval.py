@@ -2,8 +2,9 @@
 
     python eval.py --checkpoint RUN_DIR --suite NAME --out DIR [section.field=value ...]
 
-Suites: perplexity, haystack, multi-needle, ruler, tasks, self-consistency, or all. Each
-writes DIR/NAME.json (figures, config, checkpoint step) and its plots (DIR/NAME_*.png).
+Suites: perplexity, haystack, multi-needle, ruler, tasks, self-consistency, factuality,
+preference, or all. Each writes DIR/NAME.json (figures, config, checkpoint step) and its plots
+(DIR/NAME_*.png); one that does not apply to the run's train.stage says so and writes nothing.
 Overrides change the eval settings (``eval.trials=20``, ``eval.context_lengths=[1024,2048]``)
 or how the model runs (``model.attention_kernel=chunked``); shapes must match the checkpoint.
 """
