@@ -178,7 +178,7 @@ def skip_reason(stage: str) -> str | None:
   """Why a run of ``stage`` is not evaluated here, or None when it is."""
   if stage == 'pretrain' or stage in CONVERSATION_STAGES:
     return None
-  return (f'skipped: train.stage={stage} (a reward model scores replies, it is not trained to '
+  return (f'train.stage={stage} (a reward model scores replies, it is not trained to '
           'write them); evaluate the sft, rlhf, dpo or pretrain run')
 
 

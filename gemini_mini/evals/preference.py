@@ -344,7 +344,7 @@ def run(loaded: Loaded, out_dir) -> dict:
     plot_accuracy(figures, out / f'{SUITE}_rm_accuracy.png', step=loaded.step)
     return figures
   if stage not in POLICY_STAGES:
-    return {'skipped': f'skipped: train.stage={stage} has neither a reward model to test nor a '
+    return {'skipped': f'train.stage={stage} has neither a reward model to test nor a '
                        'policy to compare with its SFT model; evaluate a reward, rlhf or dpo run'}
   figures, records = policy_against_reference(loaded)
   out.mkdir(parents=True, exist_ok=True)
