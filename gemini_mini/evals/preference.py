@@ -108,7 +108,8 @@ def reward_accuracy(loaded: Loaded) -> tuple[dict, list]:
   items = post_training.builder(data.dir, data.subset).as_data_source('eval')
   records = []
   for step, (chosen, rejected) in enumerate(stream):
-    chosen_B, rejected_B = score_batch(loaded.decoder, chosen), score_batch(loaded.decoder, rejected)
+    chosen_B = score_batch(loaded.decoder, chosen)
+    rejected_B = score_batch(loaded.decoder, rejected)
     for row in np.flatnonzero(chosen.loss_mask.sum(axis=1) > 0):
       item = items[step * size + int(row)]
       records.append({'index': item.index, 'kind': item.kind, 'answerable': item.answerable,

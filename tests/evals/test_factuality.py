@@ -36,7 +36,8 @@ def test_rates_count_recall_over_refusal_and_hallucination_by_hand():
       'answerable_hallucination': 1 / 4, 'hallucination': 2 / 4, 'unanswerable_correct': 1 / 4,
       'mean_score': (1 + 1 + 0 - 1 - 1 + 1 - 1 - 0.5) / 8})
   only_answerable = factuality.rates([True, True], [CORRECT, REFUSED])
-  assert only_answerable['hallucination'] is None and only_answerable['unanswerable_correct'] is None
+  assert only_answerable['hallucination'] is None
+  assert only_answerable['unanswerable_correct'] is None
   with pytest.raises(ValueError, match='one of each per item'):
     factuality.rates([True], [CORRECT, WRONG])
 
