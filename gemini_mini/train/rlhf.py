@@ -23,6 +23,8 @@ The gold judge's score of the rollouts is logged beside the reward model's (``go
 ``reward``), so over-optimisation of the proxy shows as the two part.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,28 +134,53 @@ def rollout_seed(seed: int, step: int) -> int:
   return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def optimizer_settings(train, post) -> tuple:
+  """``make_optimizer``'s settings for PPO: its schedule counts updates, ``post.ppo_epochs``
+  a step."""
+  return (('learning_rate', train.learning_rate), ('steps', train.steps * post.ppo_epochs),
+          ('warmup_steps', train.warmup_steps * post.ppo_epochs),
+          ('weight_decay', train.weight_decay), ('grad_clip', train.grad_clip))
+
+
+@functools.cache
+def ppo_optimizer(settings: tuple):
+  """One optimizer object per setting, so that ``compiled_steps`` finds it again."""
+  return make_optimizer(**dict(settings))
+
+
+@functools.cache
+def compiled_steps(model_config, reference_graphdef, reward_graphdef, settings: tuple,
+                   weights: LossWeights, post, mesh):
+  """``(score, update)``, jitted, built once per process for equal settings: a resumed run,
+  or another stage of the same config in one process (tests, notebooks), reuses the
+  compiled programs."""
+  options = dict(settings)
+  graphdef, shardings, _ = abstract_train_state(model_config, ppo_optimizer(settings), mesh, 0)
+  schedule = learning_rate_schedule(options['learning_rate'], options['steps'],
+                                    options['warmup_steps'])
+  score = jax.jit(make_score(graphdef, reference_graphdef, reward_graphdef, post))
+  update = jax.jit(make_update(graphdef, ppo_optimizer(settings), schedule, post, weights),
+                   donate_argnums=0, out_shardings=(shardings, None))
+  return score, update
+
+
 class RLHFStage:
   """``rlhf`` for ``loop.run`` (see ``loop.LanguageModelStage`` for the interface)."""
 
   def __init__(self, config: Config, mesh):
     t, p, m, d = config.train, config.post, config.model, config.data
     self.config, self.mesh = config, mesh
-    updates = t.steps * p.ppo_epochs  # the optimizer's schedule counts updates
-    self.optimizer = make_optimizer(learning_rate=t.learning_rate, steps=updates,
-                                    warmup_steps=t.warmup_steps * p.ppo_epochs,
-                                    weight_decay=t.weight_decay, grad_clip=t.grad_clip)
-    schedule = learning_rate_schedule(t.learning_rate, updates, t.warmup_steps * p.ppo_epochs)
-    self.graphdef, self.shardings, self.abstract = abstract_train_state(
-        m, self.optimizer, mesh, t.seed)
     self.reference = runs.load_frozen(t.init_from, mesh, key='train.init_from')
     self.reward = runs.load_frozen(p.reward_from, mesh, key='post.reward_from', stage='reward')
+    settings = optimizer_settings(t, p)
+    self.optimizer = ppo_optimizer(settings)
+    self.graphdef, self.shardings, self.abstract = abstract_train_state(
+        m, self.optimizer, mesh, t.seed)
+    weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
+    self._score, self._update = compiled_steps(
+        m, self.reference.graphdef, self.reward.graphdef, settings, weights, p, mesh)
     self.tokenizer = Tokenizer()
     self.kl_coef = p.kl_coef
-    weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
-    self._score = jax.jit(make_score(self.graphdef, self.reference.graphdef,
-                                     self.reward.graphdef, p))
-    self._update = jax.jit(make_update(self.graphdef, self.optimizer, schedule, p, weights),
-                           donate_argnums=0, out_shardings=(self.shardings, None))
     self._rows = dict(seq_len=t.seq_len, num_patches=d.num_patches,
                       num_audio_frames=d.num_audio_frames, patch_dim=m.patch_dim,
                       audio_dim=m.audio_dim)
