@@ -206,3 +206,98 @@ def test_dpo_starts_at_log_2_and_chance_accuracy(dpo_at_step_0):
   _, metrics = dpo_at_step_0
   np.testing.assert_allclose(metrics['preference_loss'], math.log(2), rtol=1e-6)
   assert float(metrics['accuracy']) == 0.5
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+def train_main():
+  """``train.py``'s ``main``, as the command line runs it."""
+  spec = importlib.util.spec_from_file_location('train_script', ROOT / 'train.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ([*SFT, 'train.init_from={tmp}/nothing'],
+     'train.init_from: {tmp}/nothing holds no checkpoints/; pass the train.run_dir of a '
+     'finished run'),
+    ([*SFT, 'train.init_from={tiny_run_dir}', 'model.num_layers=4'],
+     'model.num_layers: 2 -> 4'),
+    (['train.stage=dpo', 'train.init_from={tiny_reward_run_dir}'], 'model.scalar_head'),
+    ([*SFT], 'train.init_from: train.stage sft starts from another run\'s parameters'),
+    (['train.stage=rlhf', 'model.scalar_head=true', 'train.init_from={tmp}'],
+     'post.reward_from: train.stage rlhf needs a reward model'),
+], ids=['missing', 'another_model', 'a_head_dropped', 'sft_without_init_from',
+        'rlhf_without_reward_from'])
+def test_a_bad_start_exits_2_naming_the_field(request, small_data_dir, tmp_path, capsys,
+                                              overrides, message):
+  values = {'tmp': str(tmp_path)}
+  values.update({name: request.getfixturevalue(name)
+                 for name in ('tiny_run_dir', 'tiny_reward_run_dir')
+                 if any(f'{{{name}}}' in o for o in overrides)})
+
+  def fill(text):
+    for name, value in values.items():
+      text = text.replace(f'{{{name}}}', value)
+    return text
+
+  argv = ['--config', str(ROOT / 'configs/test.yaml'), f'data.dir={small_data_dir}', *POST,
+          f'train.run_dir={tmp_path}/run', *map(fill, overrides)]
+  assert train_main()(argv) == 2
+  last_line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert fill(message) in last_line, last_line
+
+
+# --- resume and sharding -----------------------------------------------------------------
+
+def test_a_reward_run_killed_after_step_2_resumes_to_the_straight_runs_step_4(reward_run_dir,
+                                                                             tmp_path):
+  # A run killed after logging step 3 but before saving step 4: the straight run's directory
+  # without its step-4 checkpoint. Resuming must restore the pair stream from the checkpoint.
+  killed = tmp_path / 'killed'
+  shutil.copytree(reward_run_dir, killed)
+  shutil.rmtree(killed / 'checkpoints' / '4')
+  _, saved = checkpoint.read_config(killed / 'checkpoints')
+  config = config_lib.from_dict({**saved, 'train': {**saved['train'], 'run_dir': str(killed),
+                                                    'eval_every': 0}})
+  loop.run(config)
+  straight, resumed = logged(reward_run_dir), logged(killed)
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    assert resumed[step]['loss'] == straight[step]['loss'], step
+    assert resumed[step]['accuracy'] == straight[step]['accuracy'], step
+  assert_same(by_path(saved_params(killed)), by_path(saved_params(reward_run_dir)))
+
+
+LEARNING_RATE = 1e-3  # configs/test.yaml's, without warm-up
+
+
+@pytest.mark.slow
+def test_one_reward_step_on_sharded_meshes_equals_one_device(small_data_dir, reward_run_dir):
+  # JAX fixes its device count at import: the meshes run in a fresh process.
+  result = subprocess.run([sys.executable, str(SCRIPT), small_data_dir, str(reward_run_dir)],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+  results = json.loads(result.stdout.strip().splitlines()[-1])
+  reference = results.pop('single')
+  assert set(results) == {'data2_fsdp4', 'fsdp2_expert2_tensor2'}
+  for name, sharded in results.items():
+    assert sharded['sharded_leaves'] > 0, f'{name}: no parameter is actually sharded'
+    for key in ('loss', 'preference_loss', 'reward_chosen', 'reward_rejected'):
+      np.testing.assert_allclose(sharded[key], reference[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f'{name} {key}')
+    np.testing.assert_allclose(sharded['grad_norm'], reference['grad_norm'], rtol=1e-4)
+    assert sharded['params'].keys() == reference['params'].keys()
+    checked = total = 0
+    for path, after in reference['params'].items():
+      np.testing.assert_array_equal(sharded['start'][path], reference['start'][path])
+      # Adam's first step (no weight decay) moves a parameter by lr * g / (|g| + eps): by the
+      # learning rate where the gradient is well above rounding, and there both must agree
+      # to 1% of it. A gradient at rounding level (the head's bias, which Bradley-Terry's
+      # difference cancels) moves its parameter anywhere within the learning rate.
+      after = np.array(after)
+      determined = np.abs(after - reference['start'][path]) > 0.99 * LEARNING_RATE
+      np.testing.assert_allclose(np.array(sharded['params'][path])[determined], after[determined],
+                                 rtol=0, atol=LEARNING_RATE / 100, err_msg=f'{name} {path}')
+      checked, total = checked + determined.sum(), total + determined.size
+    assert checked > total / 2, f'{name}: only {checked} of {total} updates compared'
