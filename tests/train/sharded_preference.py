@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from gemini_mini import config as config_lib, parallel  # noqa: E402
 from gemini_mini.train import loop  # noqa: E402
 
-MESHES = {'single': dict(data=1), 'data2_fsdp4': dict(data=2, fsdp=4),
+# Parameters split along embed (fsdp), experts and heads (tensor); rows over fsdp and expert.
+MESHES = {'single': dict(data=1),
           'fsdp2_expert2_tensor2': dict(data=1, fsdp=2, expert=2, tensor=2)}
 
 
@@ -27,7 +28,7 @@ def main(data_dir: str, init_from: str):
   config = config_lib.load('configs/test.yaml', [
       f'data.dir={data_dir}', 'train.seq_len=512', 'data.num_audio_frames=192',
       'train.stage=reward', 'model.scalar_head=true', f'train.init_from={init_from}',
-      'train.batch_size=8', 'train.warmup_steps=0', 'train.weight_decay=0',
+      'train.batch_size=4', 'train.warmup_steps=0', 'train.weight_decay=0',
       'train.run_dir=unused'])
   results = {}
   for name, sizes in MESHES.items():
