@@ -15,7 +15,7 @@ What it measures depends on the loaded run's ``train.stage``:
   scored by the gold judge (``post_training.judge``) and by a reward model: ``eval.reward_from``
   or, when empty, the run's ``post.reward_from`` (the one PPO optimised; a DPO run has none
   unless given). The reward model reads the prompt and the generated tokens as PPO's rollouts
-  do (``rlhf.rollout_batch``) and scores the last reply token (``preference.reply_scores``).
+  do (``rlhf.rollout_batch``) and scores the last reply token (``infer.score.reply_scores``).
   The policy's win rate over SFT is ``(wins + ties / 2) / items`` by each scorer, overall and
   per kind (``win_rate``): a reward-model win rate well above the gold one is the proxy being
   over-optimised. With no reward model to use, only the gold figures are given and
@@ -47,12 +47,12 @@ from gemini_mini.data import post_training, prepare
 from gemini_mini.data.preferences import PairStream
 from gemini_mini.evals import common, factuality
 from gemini_mini.infer.generate import Generation
+from gemini_mini.infer.score import reply_scores
 from gemini_mini.infer.load import Loaded, load
 from gemini_mini.modalities import conversation, interleave
 from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
 from gemini_mini.train.metrics import read_metrics
-from gemini_mini.train.preference import reply_scores
 
 SUITE = 'preference'
 POLICY_STAGES = ('rlhf', 'dpo')

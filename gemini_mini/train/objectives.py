@@ -12,7 +12,6 @@ where the policy is the reference) then reads as chance, 0.5, not as always wron
 import jax
 import jax.numpy as jnp
 
-from gemini_mini.train.loss import token_nll
 
 
 def _same_shape(**arrays):
@@ -38,31 +37,6 @@ def _pairwise_accuracy(margin_B, weight_B=None):
   return _pair_mean(jnp.where(margin_B > 0, 1.0, jnp.where(margin_B == 0, 0.5, 0.0)), weight_B)
 
 
-def token_logprobs(logits_BTV, targets_BT):
-  """``log softmax(logits)[targets]`` in float32: the log-probability of each target."""
-  return -token_nll(logits_BTV, targets_BT)[0]
-
-
-def response_logprob(logp_BT, loss_mask_BT):
-  """``sum_t mask[t] logp[t]``: the log-probability of the reply given its prompt, which is
-  what DPO and the sequence-level KL compare (prompt positions are conditioning, not actions)."""
-  _same_shape(logp_BT=logp_BT, loss_mask_BT=loss_mask_BT)
-  return (logp_BT * loss_mask_BT.astype(jnp.float32)).sum(axis=-1)
-
-
-def last_scored_index(loss_mask_BT):
-  """The position whose *input* token is the reply's last token: ``1 + max{t: mask[t] = 1}``.
-
-  The last masked ``t`` predicts the reply's final token (``<end_of_turn>``), which sits at
-  ``t + 1``; only the hidden state at ``t + 1`` has read the whole reply, so a reward model
-  reads its scalar there. ``t + 1`` is always inside the row, because a mask of 1 requires the
-  target to exist. A row with no scored position gives 0 (the first position): callers must
-  only score rows that hold a reply.
-  """
-  t_BT = jnp.arange(loss_mask_BT.shape[-1]) + 1
-  return jnp.max(jnp.where(loss_mask_BT > 0, t_BT, 0), axis=-1)
-
-
 def bradley_terry(reward_chosen_B, reward_rejected_B, weight_B=None):
   """``mean(-log sigmoid(rc - rr))``: the negative log-likelihood of the preference under
   Bradley-Terry, ``P(chosen > rejected) = sigmoid(rc - rr)``. Returns ``(loss, accuracy)``,
@@ -79,7 +53,7 @@ def dpo(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_reject
   """Direct preference optimisation (Rafailov et al. 2023): Bradley-Terry on the implicit
   rewards ``r = beta (log pi(y|x) - log ref(y|x))``, the reward under which the KL-regularised
   optimum is the policy itself, so no reward model is needed. Inputs are response
-  log-probabilities (``response_logprob``); ``weight_B`` as in ``bradley_terry``. Returns
+  log-probabilities (``infer.score.response_logprob``); ``weight_B`` as in ``bradley_terry``. Returns
   ``(loss, metrics)``."""
   _same_shape(policy_chosen_B=policy_chosen_B, policy_rejected_B=policy_rejected_B,
               reference_chosen_B=reference_chosen_B, reference_rejected_B=reference_rejected_B)

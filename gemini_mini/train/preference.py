@@ -4,7 +4,7 @@ Both read ``(chosen, rejected)`` batches of the same prompts (``data.preferences
 one conversation a row) and run both halves as one forward pass of ``2B`` rows:
 
 - **reward**: the decoder with ``model.scalar_head`` scores each reply at the position that
-  has read all of it (``objectives.last_scored_index``), trained with the Bradley-Terry loss
+  has read all of it (``infer.score.last_scored_index``), trained with the Bradley-Terry loss
   ``-log sigmoid(r_chosen - r_rejected)``;
 - **dpo**: the policy's and the frozen reference's (``train.init_from``, the SFT model)
   log-probabilities of each reply, trained with DPO's loss at ``post.dpo_beta``.
@@ -26,6 +26,7 @@ from gemini_mini import parallel
 from gemini_mini.batch import Batch
 from gemini_mini.config import Config
 from gemini_mini.data.preferences import PairStream
+from gemini_mini.infer.score import reply_logprobs, reply_scores
 from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
@@ -40,21 +41,6 @@ DATASETS = {'demonstrations': 1.0}
 def both(pair: tuple[Batch, Batch]) -> Batch:
   """The chosen rows, then the rejected rows: one ``[2B, ...]`` batch."""
   return jax.tree.map(lambda c, r: jnp.concatenate([c, r]), *pair)
-
-
-def reply_scores(model, batch: Batch) -> tuple[jax.Array, dict]:
-  """``(score_B, aux)``: the scalar head at each row's last reply position."""
-  h_BTD, aux = model.hidden(batch)
-  scalar_BT = model.scalar_head(h_BTD)
-  index_B = objectives.last_scored_index(batch.loss_mask)
-  return jnp.take_along_axis(scalar_BT, index_B[:, None], axis=1)[:, 0], aux
-
-
-def reply_logprobs(model, batch: Batch) -> tuple[jax.Array, dict]:
-  """``(logp_B, aux)``: each row's summed log-probability of its reply (model turns)."""
-  logits_BTV, aux = model(batch)
-  logp_BT = objectives.token_logprobs(logits_BTV, batch.targets)
-  return objectives.response_logprob(logp_BT, batch.loss_mask), aux
 
 
 def _split(x_B):

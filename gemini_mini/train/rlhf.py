@@ -36,6 +36,7 @@ from gemini_mini.config import Config
 from gemini_mini.data import post_training
 from gemini_mini.data.preferences import PromptStream
 from gemini_mini.infer.generate import generate
+from gemini_mini.infer.score import last_scored_index, reply_scores, token_logprobs
 from gemini_mini.modalities import conversation, interleave
 from gemini_mini.modalities.segments import Segment
 from gemini_mini.modalities.text import Tokenizer
@@ -43,7 +44,7 @@ from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
-from gemini_mini.train.preference import DATASETS, reply_scores
+from gemini_mini.train.preference import DATASETS
 from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients, init_train_state
 
 
@@ -73,15 +74,15 @@ def make_score(graphdef, reference_graphdef, reward_graphdef, post):
     policy = nnx.merge(graphdef, params)
     h_BTD, _ = policy.hidden(batch)
     logits_BTV = policy.text.logits(h_BTD)
-    logp_BT = objectives.token_logprobs(logits_BTV, batch.targets)
+    logp_BT = token_logprobs(logits_BTV, batch.targets)
     values_BT = policy.scalar_head(h_BTD) * mask_BT
     reference_logits_BTV, _ = nnx.merge(reference_graphdef, reference_params)(batch)
-    reference_logp_BT = objectives.token_logprobs(reference_logits_BTV, batch.targets)
+    reference_logp_BT = token_logprobs(reference_logits_BTV, batch.targets)
     score_B, _ = reply_scores(nnx.merge(reward_graphdef, reward_params), batch)
     # k1 in the reward: summed over a reply it is the reply's log-ratio, whose expectation
     # is the KL and whose policy gradient is the KL's (objectives.kl_penalty).
     kl_BT = objectives.kl_penalty(logp_BT, reference_logp_BT, mask_BT, 'k1')
-    last_BT = jax.nn.one_hot(objectives.last_scored_index(mask_BT) - 1, mask_BT.shape[1])
+    last_BT = jax.nn.one_hot(last_scored_index(mask_BT) - 1, mask_BT.shape[1])
     rewards_BT = -kl_coef * kl_BT + score_B[:, None] * last_BT * mask_BT
     advantages_BT, returns_BT = objectives.gae(rewards_BT, values_BT, mask_BT, post.gamma,
                                                post.gae_lambda)
@@ -107,7 +108,7 @@ def make_update(graphdef, optimizer, schedule, post, weights):
     mask_BT = batch.loss_mask
     policy = nnx.merge(graphdef, params)
     h_BTD, aux = policy.hidden(batch)
-    logp_BT = objectives.token_logprobs(policy.text.logits(h_BTD), batch.targets)
+    logp_BT = token_logprobs(policy.text.logits(h_BTD), batch.targets)
     values_BT = policy.scalar_head(h_BTD)
     policy_loss, clip_fraction, approx_kl = objectives.ppo_policy_loss(
         logp_BT, rollout['logp_BT'], rollout['advantages_BT'], mask_BT, post.clip_ratio)
