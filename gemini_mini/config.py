@@ -205,6 +205,10 @@ class TrainConfig:
     _require(self.stage != 'pretrain' or not self.init_from, 'train.init_from',
              'pretraining starts from random parameters; drop train.init_from, or set '
              'train.stage=sft to fine-tune that run')
+    _require(self.stage in ('pretrain', 'sft') or self.grad_accum_steps == 1,
+             'train.grad_accum_steps', f'train.stage {self.stage} takes one update per batch '
+             f'of pairs or rollouts; set train.grad_accum_steps=1 and lower '
+             'train.batch_size to save memory')
     _require(not self.init_from or pathlib.Path(self.init_from).resolve()
              != pathlib.Path(self.run_dir).resolve(), 'train.init_from',
              f'{self.init_from} is this run\'s own train.run_dir; pass another run')

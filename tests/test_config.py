@@ -201,3 +201,5 @@ def test_post_training_stages_name_what_they_need():
     config_lib.load('configs/nano_sft.yaml', ['train.init_from=runs/nano_sft'])
   with pytest.raises(config_lib.ConfigError, match='post.label_noise'):
     config_lib.load('configs/nano_rm.yaml', ['post.label_noise=0.5'])
+  with pytest.raises(config_lib.ConfigError, match='train.grad_accum_steps'):
+    config_lib.load('configs/nano_dpo.yaml', ['train.grad_accum_steps=2'])
