@@ -32,6 +32,7 @@ from gemini_mini.train import runs
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
+from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import (
   abstract_train_state,
   init_train_state,
@@ -128,18 +129,10 @@ def check_divisibility(config: Config, mesh) -> None:
                       f'{jax.process_count()} processes')
 
 
-class LanguageModelStage:
+class LanguageModelStage(Stage):
   """``pretrain`` and ``sft``: next-token loss on the task mixture. For ``sft`` the mixture is
   the demonstrations, whose loss covers the model's turns only (``modalities.conversation``),
-  and the parameters start from ``train.init_from``.
-
-  Every stage offers what ``run`` uses: ``abstract`` (the train state's restore target),
-  ``datasets()`` (the tasks whose data must be prepared), ``init_state()``,
-  ``open_data(state or None)``, ``data_state()``, ``train(state, step) -> (state, metrics)``
-  (metrics hold ``loss`` and ``params_finite``), ``evaluate(params) -> dict``,
-  ``log_values() -> dict``, ``after_step(step, metrics) -> message or None``,
-  ``tokens_per_step``, ``flops_per_step`` and ``close()``.
-  """
+  and the parameters start from ``train.init_from``."""
 
   def __init__(self, config: Config, mesh):
     t = config.train

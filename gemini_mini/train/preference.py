@@ -31,6 +31,7 @@ from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
+from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients, init_train_state
 
 # What the preference stages read, for ``prepare.ensure``: the task whose dataset holds the
@@ -80,9 +81,8 @@ def make_objective(stage: str, graphdef, weights: LossWeights, beta: float,
   return objective
 
 
-class PreferenceStage:
-  """``reward`` and ``dpo`` for ``loop.run`` (see ``loop.LanguageModelStage`` for the
-  interface)."""
+class PreferenceStage(Stage):
+  """``reward`` and ``dpo`` for ``loop.run``."""
 
   def __init__(self, config: Config, mesh):
     t, p = config.train, config.post
@@ -166,12 +166,3 @@ class PreferenceStage:
         totals[name] = totals.get(name, 0.0) + float(metrics[name]) * count
       pairs += count
     return {f'eval/{name}': total / max(pairs, 1.0) for name, total in totals.items()}
-
-  def log_values(self) -> dict:
-    return {}
-
-  def after_step(self, step: int, metrics: dict) -> None:
-    return None
-
-  def close(self) -> None:
-    pass

@@ -45,6 +45,7 @@ from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.preference import DATASETS
+from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients, init_train_state
 
 
@@ -165,8 +166,9 @@ def compiled_steps(model_config, reference_graphdef, reward_graphdef, settings: 
   return score, update
 
 
-class RLHFStage:
-  """``rlhf`` for ``loop.run`` (see ``loop.LanguageModelStage`` for the interface)."""
+class RLHFStage(Stage):
+  """``rlhf`` for ``loop.run``. Its held-out figures come from ``eval.py --suite
+  factuality`` and ``--suite preference``, not from the loop."""
 
   def __init__(self, config: Config, mesh):
     t, p, m, d = config.train, config.post, config.model, config.data
@@ -240,16 +242,3 @@ class RLHFStage:
       self.kl_coef = float(objectives.adaptive_kl_coef(self.kl_coef, float(logged['kl']),
                                                        p.kl_target, p.kl_horizon, t.batch_size))
     return state, {**metrics, **logged}
-
-  def evaluate(self, params) -> dict:
-    del params  # held-out factuality and win rates: eval.py --suite factuality / preference
-    return {}
-
-  def log_values(self) -> dict:
-    return {}
-
-  def after_step(self, step: int, metrics: dict) -> None:
-    return None
-
-  def close(self) -> None:
-    pass
