@@ -73,7 +73,7 @@ def logged(run_dir) -> dict[int, dict]:
 def reward_run_dir(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
   """A reward model trained 4 steps from ``tiny_sft_run_dir`` without warm-up (its head
   leaves zero), logging every step, checkpoints at steps 2 and 4, held-out pairs at step 4."""
-  run_dir = tmp_path_factory.mktemp('reward_run')
+  run_dir = str(tmp_path_factory.mktemp('reward_run'))
   loop.run(load(small_data_dir, *REWARD, f'train.init_from={tiny_sft_run_dir}',
                 f'train.run_dir={run_dir}', 'train.steps=4', 'train.warmup_steps=0',
                 'train.checkpoint_every=2', 'train.log_every=1', 'train.eval_every=4'))
@@ -181,8 +181,9 @@ def test_the_reward_objective_is_bradley_terry_on_each_rows_own_score(small_data
 
 @pytest.fixture(scope='module')
 def dpo_at_step_0(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
-  """DPO's objective at its first step, and its gradients with respect to the policy's and
-  the frozen reference's parameters."""
+  """``(policy, grads, metrics)``: DPO's starting parameters, the gradients of its objective
+  at the first step with respect to the policy's and the frozen reference's parameters, and
+  its metrics."""
   config = load(small_data_dir, 'train.stage=dpo', f'train.init_from={tiny_sft_run_dir}',
                 f'train.run_dir={tmp_path_factory.mktemp("dpo")}')
   stage = loop.make_stage(config, parallel.make_mesh(config.mesh))
@@ -191,20 +192,26 @@ def dpo_at_step_0(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
   weights = LossWeights(0.01, 0.001, 0.0)
   objective = preference.make_objective('dpo', stage.graphdef, weights, beta=0.1,
                                         reference_graphdef=stage.reference.graphdef)
+  policy = stage.init_state().params
   grads, metrics = jax.jit(jax.grad(lambda policy, reference: objective(policy, pair, reference),
                                     argnums=(0, 1), has_aux=True))(
-      stage.init_state().params, stage.reference.params)
-  return grads, metrics
+      policy, stage.reference.params)
+  return policy, grads, metrics
+
+
+def test_dpo_starts_from_the_sft_runs_parameters(dpo_at_step_0, tiny_sft_run_dir):
+  policy, _, _ = dpo_at_step_0
+  assert_same(by_path(policy), by_path(saved_params(tiny_sft_run_dir)))
 
 
 def test_the_dpo_reference_receives_no_gradient(dpo_at_step_0):
-  (policy, reference), _ = dpo_at_step_0
+  _, (policy, reference), _ = dpo_at_step_0
   assert all(not np.asarray(g).any() for g in jax.tree.leaves(reference))
   assert any(np.asarray(g).any() for g in jax.tree.leaves(policy))
 
 
 def test_dpo_starts_at_log_2_and_chance_accuracy(dpo_at_step_0):
-  _, metrics = dpo_at_step_0
+  _, _, metrics = dpo_at_step_0
   np.testing.assert_allclose(metrics['preference_loss'], math.log(2), rtol=1e-6)
   assert float(metrics['accuracy']) == 0.5
 
