@@ -28,14 +28,12 @@ from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
-from gemini_mini.train import runs
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import (
   abstract_train_state,
-  init_train_state,
   jit_steps,
   make_eval_step,
   make_train_step,
@@ -155,13 +153,6 @@ class LanguageModelStage(Stage):
 
   def datasets(self) -> dict[str, float]:
     return self.config.data.weights
-
-  def init_state(self):
-    config = self.config
-    start_from = (None if not config.train.init_from else
-                  lambda fresh: runs.initial_params(config, self.mesh, fresh))
-    return init_train_state(config.model, self.optimizer, self.shardings, config.train.seed,
-                            start_from)
 
   def open_data(self, state: dict | None) -> None:
     data = make_train_data(self.config)

@@ -14,12 +14,8 @@ every pair of the ``eval`` split once, labelled by the gold judge (no label nois
 reports the pairwise accuracy: the reward model's, or DPO's implicit reward's.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from gemini_mini import parallel
@@ -32,7 +28,7 @@ from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.stage import Stage
-from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients, init_train_state
+from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients
 
 # What the preference stages read, for ``prepare.ensure``: the task whose dataset holds the
 # post-training items.
@@ -130,11 +126,6 @@ class PreferenceStage(Stage):
                       patch_dim=m.patch_dim, audio_dim=m.audio_dim, seed=t.seed,
                       label_noise=label_noise, subset=d.subset,
                       process_index=jax.process_index(), process_count=jax.process_count())
-
-  def init_state(self) -> TrainState:
-    config = self.config
-    return init_train_state(config.model, self.optimizer, self.shardings, config.train.seed,
-                            lambda fresh: runs.initial_params(config, self.mesh, fresh))
 
   def open_data(self, state: dict | None) -> None:
     self.data = self._stream('preference', self.config.post.label_noise)

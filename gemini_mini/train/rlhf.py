@@ -46,7 +46,7 @@ from gemini_mini.train.loss import LossWeights
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.preference import DATASETS
 from gemini_mini.train.stage import Stage
-from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients, init_train_state
+from gemini_mini.train.step import TrainState, abstract_train_state, apply_gradients
 
 
 def rollout_batch(prompts, replies, tokenizer, *, seq_len, num_patches, num_audio_frames,
@@ -197,11 +197,6 @@ class RLHFStage(Stage):
 
   def datasets(self) -> dict[str, float]:
     return DATASETS
-
-  def init_state(self) -> TrainState:
-    config = self.config
-    return init_train_state(config.model, self.optimizer, self.shardings, config.train.seed,
-                            lambda fresh: runs.initial_params(config, self.mesh, fresh))
 
   def open_data(self, state: dict | None) -> None:
     t, d = self.config.train, self.config.data

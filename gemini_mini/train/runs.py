@@ -56,30 +56,51 @@ def load_frozen(run_dir: str, mesh, *, key: str, stage: str | None = None) -> Fr
   return Frozen(config, graphdef, checkpoint.restore_params(directory, step, abstract), step)
 
 
-def initial_params(config: config_lib.Config, mesh, fresh: nnx.State) -> nnx.State:
-  """``fresh`` (this config's newly initialised parameters) with every parameter of
-  ``train.init_from``'s latest checkpoint in place: all of them, or all but a new scalar
-  head.
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """``train.init_from``'s latest checkpoint, checked against this config's decoder."""
+
+  directory: pathlib.Path
+  step: int
+  model: config_lib.ModelConfig  # the config's model with the saved run's scalar_head
+
+
+def check_start(config: config_lib.Config) -> Start:
+  """Checks, before anything is compiled, that ``train.init_from`` holds a checkpoint whose
+  decoder this config builds: the same, or the same without the scalar head this stage adds.
 
   Raises:
-    CheckpointError: no usable checkpoint there, or one whose decoder this config does not
-      build (naming the differing paths and the model fields to set).
+    CheckpointError: no usable checkpoint there, a run with a scalar head this stage has no
+      use for, or one whose decoder differs (naming the differing paths and the model fields
+      to set).
   """
   key = 'train.init_from'
   directory = _checkpoints(config.train.init_from, key)
   try:
     step, saved = checkpoint.read_config(directory)
     saved_model = saved.get('model', {})
+    saved_stage = saved.get('train', {}).get('stage', 'pretrain')
+    if saved_model.get('scalar_head', False) and not config.model.scalar_head:
+      raise CheckpointError(
+          f'{config.train.init_from} is a train.stage={saved_stage} run, whose scalar head '
+          f'train.stage={config.train.stage} has no use for; pass the train.run_dir of '
+          f'{"a pretrain" if config.train.stage == "sft" else "an sft"} run')
     # The decoder must be the saved one; the head may be added (sft -> reward, rlhf).
-    wanted = dataclasses.replace(config.model,
-                                 scalar_head=bool(saved_model.get('scalar_head', False)))
-    if wanted.scalar_head and not config.model.scalar_head:
-      wanted = config.model  # a head would be dropped: refused below, naming the field
+    wanted = dataclasses.replace(config.model, scalar_head=bool(saved_model.get('scalar_head')))
     checkpoint.check_params(directory, step, saved_model, wanted,
                             action=f'start from it ({key})',
                             otherwise=f'set {key} to a run of this model')
-    _, abstract = checkpoint.abstract_params(wanted, mesh)
-    restored = checkpoint.restore_params(directory, step, abstract)
   except CheckpointError as error:
     raise CheckpointError(f'{key}: {error}') from error
+  return Start(directory, step, wanted)
+
+
+def initial_params(start: Start, mesh, fresh: nnx.State) -> nnx.State:
+  """``fresh`` (this config's newly initialised parameters) with every parameter of the
+  checked ``start`` in place: all of them, or all but a new scalar head."""
+  _, abstract = checkpoint.abstract_params(start.model, mesh)
+  try:
+    restored = checkpoint.restore_params(start.directory, start.step, abstract)
+  except CheckpointError as error:
+    raise CheckpointError(f'train.init_from: {error}') from error
   return nnx.merge_state(fresh, restored)

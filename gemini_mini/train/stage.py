@@ -4,16 +4,21 @@ signals, logging): ``loop.LanguageModelStage`` (pretrain, sft), ``preference.Pre
 
 import abc
 
+from gemini_mini.train import runs
+from gemini_mini.train.step import init_train_state
+
 
 class Stage(abc.ABC):
   """The interface, with the hooks most stages leave as they are.
 
   Attributes:
+    config, mesh: the run's.
+    optimizer, shardings: the train state's optimizer and shardings.
     abstract: the train state's restore target (shapes, dtypes, shardings).
     tokens_per_step, flops_per_step: for ``tokens_per_s`` and MFU.
   """
 
-  abstract = None
+  config = mesh = optimizer = shardings = abstract = None
   tokens_per_step: int = 0
   flops_per_step: float = 0.0
 
@@ -21,9 +26,16 @@ class Stage(abc.ABC):
   def datasets(self) -> dict[str, float]:
     """Task weights whose datasets must be prepared (``prepare.ensure``)."""
 
-  @abc.abstractmethod
   def init_state(self):
-    """The state of step 0: fresh, or from ``train.init_from``."""
+    """The state of step 0: fresh parameters, or ``train.init_from``'s, checked before
+    anything is compiled (a bad run is named at once), with a new optimizer state."""
+    config = self.config
+    start_from = None
+    if config.train.init_from:
+      start = runs.check_start(config)
+      start_from = lambda fresh: runs.initial_params(start, self.mesh, fresh)
+    return init_train_state(config.model, self.optimizer, self.shardings, config.train.seed,
+                            start_from)
 
   @abc.abstractmethod
   def open_data(self, state: dict | None) -> None:

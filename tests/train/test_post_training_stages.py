@@ -256,7 +256,9 @@ def train_main():
      'finished run'),
     ([*SFT, 'train.init_from={tiny_run_dir}', 'model.num_layers=4'],
      'model.num_layers: 2 -> 4'),
-    (['train.stage=dpo', 'train.init_from={reward_run_dir}'], 'model.scalar_head'),
+    (['train.stage=dpo', 'train.init_from={reward_run_dir}'],
+     'is a train.stage=reward run, whose scalar head train.stage=dpo has no use for; pass '
+     'the train.run_dir of an sft run'),
     ([*SFT], 'train.init_from: train.stage sft starts from another run\'s parameters'),
     (['train.stage=rlhf', 'model.scalar_head=true', 'train.init_from={tmp}'],
      'post.reward_from: train.stage rlhf needs a reward model'),
