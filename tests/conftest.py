@@ -1,7 +1,21 @@
-"""Shared fixtures."""
+"""Shared fixtures, and a compilation cache shared by every test process."""
+
+import os
+import tempfile
 
 import jax
 import pytest
+
+# XLA programs compiled once are read back from disk by every later test, xdist worker and
+# subprocess (train.py runs, the sharded scripts, the notebooks' kernels inherit the
+# environment) that compiles the same program: most tests build the same tiny model, and a
+# compilation is most of a short test's time. The executables are the same, so no result
+# changes.
+COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), 'gemini_mini_tests_jax_cache')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = COMPILATION_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 
 from gemini_mini import config as config_lib
 
