@@ -23,7 +23,7 @@ ANSI_COLOUR = re.compile(r'\x1b\[[0-9;]*m')  # the kernel colours its tracebacks
 
 def test_the_notebooks_are_found():
   assert {path.name for path in NOTEBOOKS} >= {
-      'quickstart.ipynb', 'haystack.ipynb', 'moe_routing.ipynb'}
+      'quickstart.ipynb', 'haystack.ipynb', 'moe_routing.ipynb', 'post_training.ipynb'}
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda path: path.stem)

@@ -13,8 +13,8 @@ An ``Item`` is one question with its source, in a ``conversation``'s user turn:
   ``The image shows {caption}.``
 * ``transcript`` (audio): a read sentence (``speech``), ``What is said in the audio?`` ->
   ``{transcript}``
-* ``sum`` (text): ``What is {a} + {b}?`` (``arithmetic``, two operands) ->
-  ``{a} + {b} = {c}. The answer is {c}.``
+* ``sum`` (text): ``What is {a} + {b}?`` or ``{a} - {b}`` (``arithmetic``, two operands) ->
+  ``{a} + {b} = {c}. The answer is {c}.`` (or with -)
 
 Every reply is at most ``MAX_REPLY_TOKENS`` long, so a policy writes it whole.
 

@@ -53,14 +53,15 @@ class Generation:
 
 
 def prefill_batch(examples: Sequence[interleave.FlatExample], *, patch_dim: int,
-                  audio_dim: int, length: int | None = None,
-                  bucket: int = 1) -> tuple[Batch, np.ndarray]:
+                  audio_dim: int, length: int | None = None, bucket: int = 1,
+                  items: tuple[int, int] | None = None) -> tuple[Batch, np.ndarray]:
   """Right-aligns ``examples`` in one batch of numpy arrays (see the module docstring).
 
   Args:
     length: ``T``, at least the longest example; None: the longest.
     bucket: the patch and audio-frame axes are rounded up to a multiple of this, so that
       batches of similar prompts share one compiled prefill.
+    items: ``(patches, audio frames)``, the sizes of those axes instead.
 
   Returns:
     ``(batch, lengths_B)``: per-position fields ``[B, T]``, row b's patches and audio frames
@@ -71,8 +72,9 @@ def prefill_batch(examples: Sequence[interleave.FlatExample], *, patch_dim: int,
   batch_size, length = len(examples), int(lengths_B.max()) if length is None else length
   round_up = lambda n: -(-n // bucket) * bucket
   # At least one item: the embedder gathers from the item axis even when no row uses it.
-  num_patches = round_up(max(1, *(len(example.patches) for example in examples)))
-  num_audio = round_up(max(1, *(len(example.audio) for example in examples)))
+  num_patches, num_audio = items or (
+      round_up(max(1, *(len(example.patches) for example in examples))),
+      round_up(max(1, *(len(example.audio) for example in examples))))
   fields = {name: np.zeros((batch_size, length), dtype) for name, dtype in (
       ('tokens', np.int32), ('modality', np.int8), ('segment_ids', np.int32),
       ('positions', np.int32), ('targets', np.int32), ('loss_mask', np.float32))}
@@ -92,7 +94,8 @@ def prefill_batch(examples: Sequence[interleave.FlatExample], *, patch_dim: int,
 
 def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] | None = None, seed: int = 0) -> list[Generation]:
+             stop_ids: Sequence[int] | None = None, seed: int = 0,
+             prompt_shape: tuple[int, int, int] | None = None) -> list[Generation]:
   """Continues each prompt with text tokens, all prompts as one batch.
 
   The MoE layers run with ``moe_dispatch: dropless`` whatever ``decoder.config`` says (the
@@ -111,6 +114,9 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
     stop_ids: a row stops after generating any of these; None means ``(tokenizer.eos_id,)``,
       ``()`` never stops early.
     seed: the sampling seed; the same seed and inputs give the same output.
+    prompt_shape: ``(positions, patches, audio frames)`` every prompt batch is padded to, so
+      that every call compiles one program (PPO's rollouts); None rounds each call's longest
+      prompt and item counts up to a multiple of ``CACHE_BUCKET``.
 
   Returns:
     One ``Generation`` per prompt, in order.
@@ -124,13 +130,17 @@ def generate(decoder, prompts: Sequence[Sequence[Segment]], tokenizer, *, max_ne
   _check_settings(config, len(prompts), max_new_tokens, temperature, top_k, top_p, stop_ids)
   examples = [interleave.flatten(prompt, tokenizer) for prompt in prompts]
   _check_prompts(config, examples, max_new_tokens)
-  # Prompt lengths and item counts rounded up to CACHE_BUCKET (within model.max_length):
-  # batches of similar prompts (PPO's rollouts, an eval suite's) share compiled programs.
+  # Prompt lengths and item counts rounded up to CACHE_BUCKET (within model.max_length), or
+  # to prompt_shape: batches of similar prompts share compiled programs.
   longest = max(len(example.tokens) for example in examples)
   length = min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, config.max_length - max_new_tokens)
+  if prompt_shape is not None:
+    length, num_patches, num_audio = prompt_shape
+    _check_shape(config, examples, prompt_shape, max_new_tokens)
   batch, lengths_B = prefill_batch(examples, patch_dim=config.patch_dim,
                                    audio_dim=config.audio_dim, length=length,
-                                   bucket=CACHE_BUCKET)
+                                   bucket=CACHE_BUCKET if prompt_shape is None else 1,
+                                   items=None if prompt_shape is None else (num_patches, num_audio))
   needed = batch.tokens.shape[1] + max_new_tokens
   cache_length = min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, config.max_length)
   is_stop_V = np.zeros(config.vocab_size, bool)
@@ -227,6 +237,18 @@ def _check_settings(config, num_prompts, max_new_tokens, temperature, top_k, top
   for ok, message in problems:
     if not ok:
       raise ValueError(message)
+
+
+def _check_shape(config, examples, prompt_shape, max_new_tokens):
+  if prompt_shape[0] + max_new_tokens > config.max_length:
+    raise ValueError(f'prompt_shape {tuple(prompt_shape)} with max_new_tokens={max_new_tokens} '
+                     f'exceeds model.max_length={config.max_length}; pass fewer positions')
+  for index, example in enumerate(examples):
+    sizes = (len(example.tokens), len(example.patches), len(example.audio))
+    if any(size > most for size, most in zip(sizes, prompt_shape)):
+      raise ValueError(f'prompt {index} takes (positions, patches, audio frames) = {sizes}, '
+                       f'more than prompt_shape {tuple(prompt_shape)}; pass a larger '
+                       'prompt_shape or None')
 
 
 def _check_prompts(config, examples, max_new_tokens):

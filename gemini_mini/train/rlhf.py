@@ -187,6 +187,8 @@ class RLHFStage(Stage):
     self._rows = dict(seq_len=t.seq_len, num_patches=d.num_patches,
                       num_audio_frames=d.num_audio_frames, patch_dim=m.patch_dim,
                       audio_dim=m.audio_dim)
+    # Every rollout batch padded to one shape: one compiled generation for the whole run.
+    self._prompt_shape = (t.seq_len - p.max_new_tokens, d.num_patches, d.num_audio_frames)
     tokens = t.batch_size * t.seq_len
     self.tokens_per_step = tokens
     # Counted: the updates, and the three scoring forward passes as one more (a forward pass
@@ -218,7 +220,7 @@ class RLHFStage(Stage):
     # must not try to shard there; the parameters keep their shardings.
     generations = generate(policy, prompts, self.tokenizer, max_new_tokens=p.max_new_tokens,
                            temperature=p.temperature, stop_ids=conversation.stop_ids(self.tokenizer),
-                           seed=rollout_seed(t.seed, step))
+                           seed=rollout_seed(t.seed, step), prompt_shape=self._prompt_shape)
     batch = parallel.host_local_to_global(
         rollout_batch(prompts, [g.tokens for g in generations], self.tokenizer, **self._rows),
         self.mesh)

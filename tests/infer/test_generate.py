@@ -102,6 +102,17 @@ def test_padded_prefill_logits_equal_each_prompt_alone(decoder, forward):
     np.testing.assert_allclose(logits_BTV[row, -length:], alone_BTV[row, :length], atol=2e-5)
 
 
+def test_a_fixed_prompt_shape_changes_no_token(decoder):
+  # PPO pads every rollout batch to one shape, so that one program serves the whole run.
+  bucketed = generate(decoder, PROMPTS, TOKENIZER, max_new_tokens=6, stop_ids=())
+  fixed = generate(decoder, PROMPTS, TOKENIZER, max_new_tokens=6, stop_ids=(),
+                   prompt_shape=(40, 8, 8))
+  for a, b in zip(bucketed, fixed):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+  with pytest.raises(ValueError, match='more than prompt_shape'):
+    generate(decoder, PROMPTS, TOKENIZER, max_new_tokens=6, prompt_shape=(12, 8, 8))
+
+
 def test_greedy_generation_equals_full_forward_reference(decoder, forward):
   generations = generate(decoder, PROMPTS, TOKENIZER, max_new_tokens=10, stop_ids=())
   expected = reference_greedy(forward, PROMPTS, 10)
