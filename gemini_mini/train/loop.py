@@ -251,14 +251,15 @@ def run(config: Config) -> dict:
       if step > start + 1:  # the first step of a (re)start includes compilation
         step_seconds.append(time.perf_counter() - step_start)
       progress.update(1)
-      if step % t.log_every == 0 or step == t.steps:
+      evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+      if step % t.log_every == 0 or step == t.steps or evaluating:
         values = {'loss': loss, **metrics_lib.scalars(step_metrics)}
         seconds_per_step = np.mean(step_seconds) if step_seconds else float('nan')
         values['tokens_per_s'] = stage.tokens_per_step / seconds_per_step
         values['mfu'] = stage.flops_per_step / seconds_per_step / peak_flops
         values.update(stage.log_values())
         step_seconds = []
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+        if evaluating:
           values.update(stage.evaluate(state.params))
         progress.set_postfix(loss=f'{loss:.3f}', tok_s=f'{values["tokens_per_s"]:.0f}')
         if writer:
