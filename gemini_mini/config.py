@@ -220,6 +220,7 @@ class PostConfig:
 
   label_noise: float = 0.0       # reward, dpo: fraction of preference labels flipped
   dpo_beta: float = 0.1          # dpo: the implicit reward's scale (KL strength)
+  pairs_per_row: int = 1         # reward, dpo: most preference pairs packed in a row
   reward_from: str = ''          # rlhf: the reward model's train.run_dir
   kl_coef: float = 0.05          # rlhf: per-token KL penalty to the frozen SFT model
   kl_target: float = 0.0         # rlhf: > 0 adapts kl_coef towards this KL per response
@@ -240,7 +241,7 @@ class PostConfig:
       _require(getattr(self, name) > 0, f'post.{name}', f'must be positive, got {getattr(self, name)}')
     for name in ('kl_coef', 'kl_target', 'value_weight'):
       _require(getattr(self, name) >= 0, f'post.{name}', f'must be >= 0, got {getattr(self, name)}')
-    for name in ('kl_horizon', 'ppo_epochs', 'max_new_tokens'):
+    for name in ('pairs_per_row', 'kl_horizon', 'ppo_epochs', 'max_new_tokens'):
       _require(getattr(self, name) > 0, f'post.{name}', f'must be positive, got {getattr(self, name)}')
     _require(0 <= self.gae_lambda <= 1 and self.gamma <= 1, 'post.gae_lambda',
              f'gae_lambda and gamma must be in [0, 1], got {self.gae_lambda} and {self.gamma}')

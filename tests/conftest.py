@@ -80,7 +80,7 @@ def tiny_sft_run_dir(small_data_dir, tiny_run_dir, tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_reward_run_dir(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
   """A reward model (``train.stage=reward``, a scalar head) trained from ``tiny_sft_run_dir``
-  for 2 steps on the small preference pairs."""
+  for 2 steps on the small preference pairs, up to 3 packed in a row."""
   return _tiny_post_training_run(
       small_data_dir, str(tmp_path_factory.mktemp('tiny_reward_run')), tiny_sft_run_dir,
-      ['train.stage=reward', 'model.scalar_head=true'])
+      ['train.stage=reward', 'model.scalar_head=true', 'post.pairs_per_row=3'])

@@ -2,25 +2,31 @@
 prompts (PPO rollouts).
 
 ``PairStream`` gives ``(chosen, rejected)``: two ``Batch``es of numpy arrays whose row ``b``
-holds the same item's conversation (``modalities.conversation``) with the chosen and the
-rejected reply (``post_training.preference_pair``: the gold judge's label, flipped at the
-``label_noise`` rate), one conversation per row (segment 1, right-padded with segment 0),
-so the scalar head reads the reply's last position and DPO sums one reply's log-probabilities
-per row. ``PromptStream`` gives the items with their prompts (``conversation.prompt``), which
+holds the same items' conversations (``modalities.conversation``) in the same segments, with
+the chosen and the rejected reply (``post_training.preference_pair``: the gold judge's label,
+flipped at the ``label_noise`` rate). A row packs up to ``pairs_per_row`` pairs, each its own
+segment (1, 2, ... from the left; right-padded with segment 0), as many whole pairs as both
+rows have room for: the scalar head reads each reply's last position and DPO sums each reply's
+log-probabilities within its segment (``infer.score.reply_masks``), and since attention and
+positions stay inside a segment, a pair scores the same packed or alone. Packing matters
+because conversations are short beside a row sized for the longest document one.
+``PromptStream`` gives one item per row with its prompt (``conversation.prompt``), which
 ``infer.generate`` completes.
 
-Reading order: global row ``r`` of step ``s`` reads item ``order(s * B + r)``. On ``sft``
-and ``preference`` the order is an epoch-by-epoch seeded shuffle (``mixture.DocumentOrder``)
-and the stream is endless; on ``eval`` it is the records in order, one pass: the last batch's
-rows past the end are padding (``PairStream``) or left out (``PromptStream``) and the next
-``next()`` raises ``StopIteration``, so held-out accuracy is over every item once, the same
-on every run. A row is a pure function of ``(seed, step, r)``: process ``p`` of ``n`` computes
-its rows of the one global batch, and the state is the step (a small JSON dict), so a run
-resumes exactly, on any process count.
+Reading order: the stream reads items ``order(0), order(1), ...``. On ``sft`` and
+``preference`` the order is an epoch-by-epoch seeded shuffle (``mixture.DocumentOrder``) and
+the stream is endless; on ``eval`` it is the records in order, one pass: rows past the end are
+padding (``PairStream``) or left out (``PromptStream``) and the next ``next()`` raises
+``StopIteration``, so held-out accuracy is over every item once, the same on every run. A
+step's global batch takes the next items in order, row by row (``PairStream``: into each row as
+many as fit; ``PromptStream``: one a row), and every process computes that same layout and
+keeps its own rows, so the state is the number of items read (a small JSON dict) and a run
+resumes exactly, on any process count. ``last_items`` lists, per row of this process, the
+items of the last batch in segment order.
 
-A conversation that does not fit a row (``seq_len`` positions, ``num_patches`` patches,
-``num_audio_frames`` audio frames) raises ``mixture.DataError`` naming the record and the
-setting to raise: a skipped pair would bias what the reward model sees, silently.
+A conversation that does not fit an empty row (``seq_len`` positions, ``num_patches``
+patches, ``num_audio_frames`` audio frames) raises ``mixture.DataError`` naming the record and
+the setting to raise: a skipped pair would bias what the reward model sees, silently.
 """
 
 import json
@@ -60,36 +66,36 @@ class _Stream:
                         batch_size=batch_size, seed=seed)
     local = batch_size // process_count
     self.rows = range(process_index * local, (process_index + 1) * local)
-    self._step = 0
+    self._read = 0  # items of the order read so far
+    self.last_items: list[list[post_training.Item]] = []
     self.tokenizer = text_lib.Tokenizer()
 
-  def _next_items(self) -> list[post_training.Item | None]:
-    """This process's rows of the next step: their items (None past the end of ``eval``)."""
-    first = self._step * self._config['batch_size']
-    if self._order is None and first >= len(self._items):
-      raise StopIteration
-    self._step += 1
+  def _item(self, read: int) -> post_training.Item | None:
+    """The ``read``-th item of the order; None past the end of ``eval``."""
     if self._order is None:
-      return [self._items[first + r] if first + r < len(self._items) else None
-              for r in self.rows]
-    return [self._items[self._order(first + r)] for r in self.rows]
+      return self._items[read] if read < len(self._items) else None
+    return self._items[self._order(read)]
+
+  def _start_step(self) -> None:
+    if self._order is None and self._read >= len(self._items):
+      raise StopIteration
 
   def __iter__(self):
     return self
 
   def get_state(self) -> dict:
-    """A JSON-serialisable state: the settings and the number of steps taken."""
-    return dict(self._config, step=self._step)
+    """A JSON-serialisable state: the settings and the number of items read."""
+    return dict(self._config, read=self._read)
 
   def set_state(self, state: dict) -> None:
     """Continues exactly where the stream that gave ``state`` stopped (any process count)."""
     mismatched = {key: (state.get(key), value) for key, value in self._config.items()
                   if state.get(key) != value}
-    if mismatched or not isinstance(state.get('step'), int):
+    if mismatched or not isinstance(state.get('read'), int):
       raise DataError(f'stream state does not match this stream (saved, now): '
                       f'{json.dumps(mismatched)}; resume with the same settings or start '
                       'a fresh stream')
-    self._step = state['step']
+    self._read = state['read']
 
 
 class PairStream(_Stream):
@@ -98,8 +104,8 @@ class PairStream(_Stream):
 
   def __init__(self, data_dir: str, split: str, *, batch_size: int, seq_len: int,
                num_patches: int, num_audio_frames: int, patch_dim: int, audio_dim: int,
-               seed: int, label_noise: float, subset: str = 'full', process_index: int = 0,
-               process_count: int = 1):
+               seed: int, label_noise: float, pairs_per_row: int = 1, subset: str = 'full',
+               process_index: int = 0, process_count: int = 1):
     """Opens the prepared post-training items.
 
     Args:
@@ -111,6 +117,7 @@ class PairStream(_Stream):
       label_noise: the rate at which a pair's judged label is flipped (``post.label_noise``),
         in [0, 1]; applied to whatever split is read, so pass 0 to score held-out pairs
         against the gold judge.
+      pairs_per_row: the most pairs packed into one row (``post.pairs_per_row``), >= 1.
       subset: ``'full'`` or ``'small'``.
       process_index, process_count: this process and how many share the global batch.
 
@@ -119,9 +126,11 @@ class PairStream(_Stream):
     """
     if not 0 <= label_noise <= 1:
       raise DataError(f'label_noise={label_noise}: use a rate in [0, 1] (post.label_noise)')
+    if pairs_per_row < 1:
+      raise DataError(f'pairs_per_row={pairs_per_row}: use at least 1 (post.pairs_per_row)')
     super().__init__(data_dir, split, batch_size=batch_size, seed=seed, subset=subset,
                      process_index=process_index, process_count=process_count,
-                     seq_len=seq_len, label_noise=label_noise)
+                     seq_len=seq_len, label_noise=label_noise, pairs_per_row=pairs_per_row)
     self._room = (seq_len, num_patches, num_audio_frames)
     self._shapes = dict(seq_len=seq_len, num_patches=num_patches,
                         num_audio_frames=num_audio_frames, patch_dim=patch_dim,
@@ -138,20 +147,37 @@ class PairStream(_Stream):
           'train.seq_len, data.num_patches or data.num_audio_frames')
     return flat
 
+  def _pair(self, item: post_training.Item):
+    user = item.user_segments(self.tokenizer)
+    chosen, rejected = post_training.preference_pair(item, self._config['label_noise'],
+                                                     self._config['seed'])
+    return self._flat(item, user, chosen), self._flat(item, user, rejected)
+
   def __next__(self) -> tuple[Batch, Batch]:
-    chosen_rows, rejected_rows = [], []
-    for item in self._next_items():
-      if item is None:
-        chosen_rows.append([])
-        rejected_rows.append([])
-        continue
-      user = item.user_segments(self.tokenizer)
-      chosen, rejected = post_training.preference_pair(item, self._config['label_noise'],
-                                                       self._config['seed'])
-      chosen_rows.append([self._flat(item, user, chosen)])
-      rejected_rows.append([self._flat(item, user, rejected)])
-    return (interleave.pack_rows(chosen_rows, **self._shapes),
-            interleave.pack_rows(rejected_rows, **self._shapes))
+    self._start_step()
+    rows = []  # per global row: (item, chosen, rejected) of each pair it holds
+    used = None  # positions, patches and audio frames of the last row, the larger reply's
+    while True:
+      item = self._item(self._read)
+      if item is None:  # the end of eval: the remaining rows are padding
+        break
+      chosen, rejected = self._pair(item)
+      need = [max(len(getattr(chosen, name)), len(getattr(rejected, name)))
+              for name in ('tokens', 'patches', 'audio')]
+      if (used is None or len(rows[-1]) == self._config['pairs_per_row']
+          or any(u + n > room for u, n, room in zip(used, need, self._room))):
+        if len(rows) == self._config['batch_size']:
+          break
+        rows.append([])
+        used = [0, 0, 0]
+      rows[-1].append((item, chosen, rejected))
+      used = [u + n for u, n in zip(used, need)]
+      self._read += 1
+    rows += [[] for _ in range(self._config['batch_size'] - len(rows))]
+    mine = [rows[r] for r in self.rows]
+    self.last_items = [[item for item, _, _ in row] for row in mine]
+    return tuple(interleave.pack_rows([[pair[which] for pair in row] for row in mine],
+                                      **self._shapes) for which in (1, 2))
 
 
 class PromptStream(_Stream):
@@ -170,5 +196,9 @@ class PromptStream(_Stream):
                      process_index=process_index, process_count=process_count)
 
   def __next__(self) -> list[tuple[list[Segment], post_training.Item]]:
+    self._start_step()
+    first, self._read = self._read, self._read + self._config['batch_size']
+    items = [item for r in self.rows if (item := self._item(first + r)) is not None]
+    self.last_items = [[item] for item in items]
     return [(conversation.prompt(item.user_segments(self.tokenizer), self.tokenizer), item)
-            for item in self._next_items() if item is not None]
+            for item in items]

@@ -4,8 +4,9 @@ against the SFT model it started from, by the gold judge and by the reward model
 What it measures depends on the loaded run's ``train.stage``:
 
 * ``reward``: pairwise accuracy on every held-out pair (``PairStream`` over the ``eval`` split,
-  label noise 0, so the labels are the gold judge's; rows shaped by the run's
-  ``train.seq_len``, ``data.num_patches`` and ``data.num_audio_frames``): the fraction of
+  label noise 0, so the labels are the gold judge's; rows shaped and packed by the run's
+  ``train.seq_len``, ``data.num_patches``, ``data.num_audio_frames`` and
+  ``post.pairs_per_row``, which leave each pair's score unchanged): the fraction of
   pairs whose chosen reply the reward model scores higher (ties half), overall and per kind,
   with the mean scores of chosen and rejected replies. Plot: ``preference_rm_accuracy.png``.
 * ``rlhf``, ``dpo``: the policy (the loaded run) and its reference, the SFT run it started
@@ -59,16 +60,17 @@ POLICY_STAGES = ('rlhf', 'dpo')
 ROW_BUCKET = 64  # reward-model rows are rounded up to this many positions: one compile
 
 
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _scores(graphdef, state, batch):
-  score_B, _ = reply_scores(nnx.merge(graphdef, state), batch)
-  return score_B
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_replies'))
+def _scores(graphdef, state, batch, num_replies):
+  score_BU, _ = reply_scores(nnx.merge(graphdef, state), batch, num_replies)
+  return score_BU
 
 
-def score_batch(decoder, batch) -> np.ndarray:
-  """The scalar head's score of each row's reply, ``[B]``."""
+def score_batch(decoder, batch, num_replies: int = 1) -> np.ndarray:
+  """The scalar head's score of each reply a row holds (``infer.score.reply_masks``),
+  ``[B, num_replies]``."""
   graphdef, state = nnx.split(decoder)
-  return np.asarray(_scores(graphdef, state, batch))
+  return np.asarray(_scores(graphdef, state, batch, num_replies))
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
@@ -101,19 +103,20 @@ def reward_accuracy(loaded: Loaded) -> tuple[dict, list]:
   model, data, train = loaded.config.model, loaded.config.data, loaded.config.train
   prepare.ensure(data.dir, data.subset, factuality.DATASETS)
   size = loaded.config.eval.batch_size
+  per_row = loaded.config.post.pairs_per_row
   stream = PairStream(data.dir, 'eval', batch_size=size, seq_len=train.seq_len,
                       num_patches=data.num_patches, num_audio_frames=data.num_audio_frames,
                       patch_dim=model.patch_dim, audio_dim=model.audio_dim, seed=train.seed,
-                      label_noise=0.0, subset=data.subset)
-  items = post_training.builder(data.dir, data.subset).as_data_source('eval')
+                      label_noise=0.0, pairs_per_row=per_row, subset=data.subset)
   records = []
-  for step, (chosen, rejected) in enumerate(stream):
-    chosen_B = score_batch(loaded.decoder, chosen)
-    rejected_B = score_batch(loaded.decoder, rejected)
-    for row in np.flatnonzero(chosen.loss_mask.sum(axis=1) > 0):
-      item = items[step * size + int(row)]
-      records.append({'index': item.index, 'kind': item.kind, 'answerable': item.answerable,
-                      'chosen': float(chosen_B[row]), 'rejected': float(rejected_B[row])})
+  for chosen, rejected in stream:
+    chosen_BU = score_batch(loaded.decoder, chosen, per_row)
+    rejected_BU = score_batch(loaded.decoder, rejected, per_row)
+    for row, row_items in enumerate(stream.last_items):
+      for u, item in enumerate(row_items):
+        records.append({'index': item.index, 'kind': item.kind, 'answerable': item.answerable,
+                        'chosen': float(chosen_BU[row, u]),
+                        'rejected': float(rejected_BU[row, u])})
 
   def summary(chosen_records) -> dict:
     chosen_ = [r['chosen'] for r in chosen_records]
@@ -145,7 +148,7 @@ def reward_scores(reward_model: Loaded, prompts: Sequence[list[Segment]],
   for start in range(0, len(flats), size):
     rows = [[flat] for flat in flats[start:start + size]]
     batch = interleave.pack_rows(rows + [[]] * (size - len(rows)), **shapes)
-    scores.append(score_batch(reward_model.decoder, batch)[:len(rows)])
+    scores.append(score_batch(reward_model.decoder, batch)[:len(rows), 0])
   return np.concatenate(scores)
 
 

@@ -19,6 +19,7 @@ Dimension key, used as shape suffixes (``x_BTD``) and as einsum letters
   n, c  blocks of a split axis and the positions in one block: the chunked attention's
         query and key chunks, the grouped matmul's tiles
   h  pairs of head dims that RoPE rotates (H / 2)
+  U  replies packed in one row, each its own segment (``infer.score.reply_masks``)
 
 Host-side signal code (``modalities/``, ``data/``) names its own axes in its docstrings
 (image height and width, mel bins); they never meet the layers' tensors.

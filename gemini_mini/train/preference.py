@@ -1,13 +1,16 @@
 """The preference stages: a reward model (``train.stage: reward``) and DPO (``dpo``).
 
 Both read ``(chosen, rejected)`` batches of the same prompts (``data.preferences.PairStream``,
-one conversation a row) and run both halves as one forward pass of ``2B`` rows:
+up to ``post.pairs_per_row`` pairs packed in a row, each its own segment) and run both halves
+as one forward pass of ``2B`` rows:
 
 - **reward**: the decoder with ``model.scalar_head`` scores each reply at the position that
   has read all of it (``infer.score.last_scored_index``), trained with the Bradley-Terry loss
   ``-log sigmoid(r_chosen - r_rejected)``;
 - **dpo**: the policy's and the frozen reference's (``train.init_from``, the SFT model)
   log-probabilities of each reply, trained with DPO's loss at ``post.dpo_beta``.
+
+Losses and metrics are means over the pairs of a step, however the rows pack them.
 
 The MoE load-balance and z losses are added as in pretraining. The held-out evaluation reads
 every pair of the ``eval`` split once, labelled by the gold judge (no label noise), and
@@ -22,7 +25,7 @@ from gemini_mini import parallel
 from gemini_mini.batch import Batch
 from gemini_mini.config import Config
 from gemini_mini.data.preferences import PairStream
-from gemini_mini.infer.score import reply_logprobs, reply_scores
+from gemini_mini.infer.score import reply_logprobs, reply_masks, reply_scores
 from gemini_mini.train import metrics as metrics_lib
 from gemini_mini.train import objectives, runs
 from gemini_mini.train.loss import LossWeights
@@ -41,35 +44,38 @@ def both(pair: tuple[Batch, Batch]) -> Batch:
 
 
 def _split(x_B):
+  """The chosen rows and the rejected rows of a ``both`` batch's values."""
   half = x_B.shape[0] // 2
   return x_B[:half], x_B[half:]
 
 
-def make_objective(stage: str, graphdef, weights: LossWeights, beta: float,
+def make_objective(stage: str, graphdef, weights: LossWeights, beta: float, pairs_per_row: int,
                    reference_graphdef=None):
   """``objective(params, pair, reference_params) -> (loss, metrics)`` of ``stage``; the
-  metrics are means over the pairs whose chosen row holds a reply (padding rows of the last
-  held-out batch count nowhere)."""
+  metrics are means over the pairs the chosen rows hold (the empty segments of a row, and the
+  padding rows of the last held-out batch, count nowhere)."""
 
   def objective(params, pair, reference_params):
     batch = both(pair)
-    valid_B = (pair[0].loss_mask.sum(axis=1) > 0).astype(jnp.float32)
+    valid_X = (reply_masks(pair[0], pairs_per_row).sum(axis=-1) > 0).astype(jnp.float32).ravel()
     model = nnx.merge(graphdef, params)
     if stage == 'reward':
-      score_B, aux = reply_scores(model, batch)
-      loss, accuracy = objectives.bradley_terry(*_split(score_B), valid_B)
-      chosen_B, rejected_B = _split(score_B)
-      mean = lambda x_B: (x_B * valid_B).sum() / jnp.maximum(valid_B.sum(), 1.0)
-      extra = {'reward_chosen': mean(chosen_B), 'reward_rejected': mean(rejected_B),
-               'reward_margin': mean(chosen_B - rejected_B)}
+      score_BU, aux = reply_scores(model, batch, pairs_per_row)
+      chosen_X, rejected_X = (half.ravel() for half in _split(score_BU))
+      loss, accuracy = objectives.bradley_terry(chosen_X, rejected_X, valid_X)
+      mean = lambda x_X: (x_X * valid_X).sum() / jnp.maximum(valid_X.sum(), 1.0)
+      extra = {'reward_chosen': mean(chosen_X), 'reward_rejected': mean(rejected_X),
+               'reward_margin': mean(chosen_X - rejected_X)}
     else:
-      logp_B, aux = reply_logprobs(model, batch)
+      logp_BU, aux = reply_logprobs(model, batch, pairs_per_row)
       reference = nnx.merge(reference_graphdef, jax.lax.stop_gradient(reference_params))
-      reference_B, _ = reply_logprobs(reference, batch)
-      loss, extra = objectives.dpo(*_split(logp_B), *_split(reference_B), beta, valid_B)
+      reference_BU, _ = reply_logprobs(reference, batch, pairs_per_row)
+      loss, extra = objectives.dpo(*(half.ravel() for half in _split(logp_BU)),
+                                   *(half.ravel() for half in _split(reference_BU)), beta,
+                                   valid_X)
       accuracy = extra.pop('accuracy')
     total = loss + weights.load_balance * aux['load_balance'] + weights.router_z * aux['router_z']
-    metrics = {'loss': total, 'preference_loss': loss, 'accuracy': accuracy, 'pairs': valid_B.sum(),
+    metrics = {'loss': total, 'preference_loss': loss, 'accuracy': accuracy, 'pairs': valid_X.sum(),
                'load_balance': aux['load_balance'], 'router_z': aux['router_z'], **extra,
                'expert_load_LE': aux['expert_load_LE'], 'dropped_L': aux['dropped_L']}
     return total, metrics
@@ -94,7 +100,8 @@ class PreferenceStage(Stage):
       self.reference = runs.load_frozen(t.init_from, mesh, key='train.init_from')
       reference_graphdef = self.reference.graphdef
     weights = LossWeights(t.load_balance_weight, t.router_z_weight, t.logit_z_weight)
-    objective = make_objective(t.stage, self.graphdef, weights, p.dpo_beta, reference_graphdef)
+    objective = make_objective(t.stage, self.graphdef, weights, p.dpo_beta, p.pairs_per_row,
+                               reference_graphdef)
     schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps)
 
     def train_step(state: TrainState, pair, reference_params):
@@ -124,7 +131,8 @@ class PreferenceStage(Stage):
     return PairStream(d.dir, split, batch_size=t.batch_size, seq_len=t.seq_len,
                       num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
                       patch_dim=m.patch_dim, audio_dim=m.audio_dim, seed=t.seed,
-                      label_noise=label_noise, subset=d.subset,
+                      label_noise=label_noise, pairs_per_row=self.config.post.pairs_per_row,
+                      subset=d.subset,
                       process_index=jax.process_index(), process_count=jax.process_count())
 
   def open_data(self, state: dict | None) -> None:

@@ -79,7 +79,8 @@ def make_score(graphdef, reference_graphdef, reward_graphdef, post):
     values_BT = policy.scalar_head(h_BTD) * mask_BT
     reference_logits_BTV, _ = nnx.merge(reference_graphdef, reference_params)(batch)
     reference_logp_BT = token_logprobs(reference_logits_BTV, batch.targets)
-    score_B, _ = reply_scores(nnx.merge(reward_graphdef, reward_params), batch)
+    score_BU, _ = reply_scores(nnx.merge(reward_graphdef, reward_params), batch)
+    score_B = score_BU[:, 0]  # one reply a row
     # k1 in the reward: summed over a reply it is the reply's log-ratio, whose expectation
     # is the KL and whose policy gradient is the KL's (objectives.kl_penalty).
     kl_BT = objectives.kl_penalty(logp_BT, reference_logp_BT, mask_BT, 'k1')

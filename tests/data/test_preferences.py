@@ -1,5 +1,6 @@
 """PairStream and PromptStream: the same prompt in both replies of a pair, labels from the
-judge, one conversation per row, eval in order once, exact resume, process shards, errors."""
+judge, pairs packed whole and in order, eval in order once, exact resume, process shards,
+errors."""
 
 import dataclasses
 import json
@@ -43,18 +44,24 @@ def assert_same(first, second):
 def rows_of(batch):
   """Per row: (prompt ids up to <model>, reply text), or None for a padding row."""
   for row in range(batch.tokens.shape[0]):
-    used = batch.segment_ids[row] == 1
-    if not used.any():
-      yield None
-      continue
-    assert set(np.unique(batch.segment_ids[row])) <= {0, 1} and used[:used.sum()].all()
-    tokens = batch.tokens[row][used]
-    model = int(np.nonzero(tokens == TOKENIZER.model_id)[0][0])
-    expected = np.zeros(len(tokens))
-    expected[model:-1] = 1  # the reply and its <end_of_turn> only
-    np.testing.assert_array_equal(batch.loss_mask[row][used], expected)
-    assert tokens[-1] == TOKENIZER.end_of_turn_id
-    yield tokens[:model + 1], TOKENIZER.decode(tokens[model + 1:-1])
+    assert set(np.unique(batch.segment_ids[row])) <= {0, 1}
+    yield segment(batch, row, 1)
+
+
+def segment(batch, row, number):
+  """(prompt ids up to <model>, reply text) of segment ``number`` of ``row``, or None."""
+  used = batch.segment_ids[row] == number
+  if not used.any():
+    return None
+  start = int(np.flatnonzero(used)[0])
+  assert used[start:start + used.sum()].all()
+  tokens = batch.tokens[row][used]
+  model = int(np.nonzero(tokens == TOKENIZER.model_id)[0][0])
+  expected = np.zeros(len(tokens))
+  expected[model:-1] = 1  # the reply and its <end_of_turn> only
+  np.testing.assert_array_equal(batch.loss_mask[row][used], expected)
+  assert tokens[-1] == TOKENIZER.end_of_turn_id
+  return tokens[:model + 1], TOKENIZER.decode(tokens[model + 1:-1])
 
 
 def test_pairs_share_the_prompt_and_the_judge_chooses(small_data_dir):
@@ -86,21 +93,63 @@ def test_eval_is_read_in_order_once_with_padding_rows_at_the_end(small_data_dir)
   assert len(replies) == -(-len(items) // 5) * 5
   assert replies[:len(items)] == [items[i].reference for i in range(len(items))]
   assert replies[len(items):] == [None] * (len(replies) - len(items))
+  packed = pairs(small_data_dir, 'eval', batch_size=2, pairs_per_row=4)
+  read = [item.index for _ in packed for row in packed.last_items for item in row]
+  assert read == list(range(len(items)))
   listed = [item for batch in prompts(small_data_dir, 'eval', batch_size=5) for _, item in batch]
   assert [item.index for item in listed] == list(range(len(items)))
 
 
-def test_resume_is_exact_and_shards_make_the_global_batch(small_data_dir):
-  stream = pairs(small_data_dir)
+def need(item):
+  """The (positions, patches, audio frames) a pair takes in each of its two rows."""
+  user = item.user_segments(TOKENIZER)
+  flats = [interleave.flatten(conversation.conversation(user, reply, TOKENIZER), TOKENIZER)
+           for reply in (item.reference, item.rejected)]
+  return np.array([max(len(flat.tokens) for flat in flats), len(flats[0].patches),
+                   len(flats[0].audio)])
+
+
+def test_packed_rows_hold_whole_pairs_in_the_order_and_no_row_could_take_the_next(
+    small_data_dir):
+  room = np.array([320, 32, 320])
+  stream = pairs(small_data_dir, pairs_per_row=3, seq_len=320, num_patches=32,
+                 num_audio_frames=320)
+  order = []
+  for _ in range(4):
+    chosen, rejected = next(stream)
+    assert len(stream.last_items) == 4
+    for row, row_items in enumerate(stream.last_items):
+      assert 1 <= len(row_items) <= 3
+      for u, item in enumerate(row_items):
+        (prompt, good), (same_prompt, bad) = (segment(batch, row, u + 1)
+                                              for batch in (chosen, rejected))
+        np.testing.assert_array_equal(prompt, same_prompt)
+        assert (good, bad) == (item.reference, item.rejected)  # no label noise here
+      assert segment(chosen, row, len(row_items) + 1) is None
+      assert (sum(need(item) for item in row_items) <= room).all()
+      if row + 1 < 4:  # greedy: the next row's first pair did not fit, or the row was full
+        with_next = sum(need(item) for item in row_items) + need(stream.last_items[row + 1][0])
+        assert len(row_items) == 3 or (with_next > room).any()
+      order.extend(item.index for item in row_items)
+  assert max(len(row) for row in stream.last_items) > 1  # packing happened
+  unpacked = pairs(small_data_dir, batch_size=1)
+  assert order == [next(unpacked) and unpacked.last_items[0][0].index for _ in order]
+
+
+@pytest.mark.parametrize('pairs_per_row', [1, 3])
+def test_resume_is_exact_and_shards_make_the_global_batch(small_data_dir, pairs_per_row):
+  stream = pairs(small_data_dir, pairs_per_row=pairs_per_row)
   straight = [next(stream) for _ in range(4)]
-  stopped = pairs(small_data_dir)
+  stopped = pairs(small_data_dir, pairs_per_row=pairs_per_row)
   for _ in range(2):
     next(stopped)
-  resumed = pairs(small_data_dir, state=json.loads(json.dumps(stopped.get_state())))
+  resumed = pairs(small_data_dir, pairs_per_row=pairs_per_row,
+                  state=json.loads(json.dumps(stopped.get_state())))
   for step in (2, 3):
     assert_same(next(resumed), straight[step])
   shards = [PairStream(small_data_dir, 'preference', batch_size=4, **SHAPES, seed=3,
-                       label_noise=0.0, subset='small', process_index=p, process_count=2)
+                       label_noise=0.0, pairs_per_row=pairs_per_row, subset='small',
+                       process_index=p, process_count=2)
             for p in range(2)]
   for step in range(2):
     parts = [next(shard) for shard in shards]
@@ -139,6 +188,8 @@ def test_bad_settings_are_named(small_data_dir, tmp_path):
     pairs(small_data_dir, 'train')
   with pytest.raises(DataError, match='post.label_noise'):
     pairs(small_data_dir, label_noise=2.0)
+  with pytest.raises(DataError, match='post.pairs_per_row'):
+    pairs(small_data_dir, pairs_per_row=0)
   with pytest.raises(DataError, match='gemini_mini.data.prepare --subset small'):
     pairs(str(tmp_path))
   with pytest.raises(DataError, match='"label_noise": \\[0.0, 0.1\\]'):

@@ -62,9 +62,11 @@ def test_reward_run_accuracy_reads_every_held_out_pair_in_order(tiny_reward_run_
   wins = [(r['chosen'] > r['rejected']) + (r['chosen'] == r['rejected']) / 2
           for r in record['items']]
   assert figures['accuracy'] == pytest.approx(np.mean(wins))
-  # The first and the last pair (a padded batch's row), each scored alone in its batch.
+  # The first, the second (packed beside it: post.pairs_per_row) and the last pair (in a
+  # padded batch), each scored alone in its batch.
   tokenizer, config = Tokenizer(), loaded.config
-  for index in (0, len(held_out) - 1):
+  assert config.post.pairs_per_row > 1
+  for index in (0, 1, len(held_out) - 1):
     item = held_out[index]
     chosen, rejected = post_training.preference_pair(item)
     for reply, recorded in ((chosen, 'chosen'), (rejected, 'rejected')):
@@ -74,7 +76,7 @@ def test_reward_run_accuracy_reads_every_held_out_pair_in_order(tiny_reward_run_
           [[flat]] + [[]] * 6, seq_len=config.train.seq_len, num_patches=config.data.num_patches,
           num_audio_frames=config.data.num_audio_frames, patch_dim=config.model.patch_dim,
           audio_dim=config.model.audio_dim)
-      alone = preference.score_batch(loaded.decoder, batch)[0]
+      alone = preference.score_batch(loaded.decoder, batch)[0, 0]
       assert record['items'][index][recorded] == pytest.approx(alone, rel=1e-4, abs=1e-5)
   assert (tmp_path / 'preference_rm_accuracy.png').stat().st_size > 0
 

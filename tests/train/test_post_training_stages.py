@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # As conftest's post-training runs: rows that hold every post-training conversation.
 POST = ('train.seq_len=512', 'data.num_audio_frames=192')
 SFT = ('train.stage=sft', 'data.weights={demonstrations: 1.0}')
-REWARD = ('train.stage=reward', 'model.scalar_head=true')
+REWARD = ('train.stage=reward', 'model.scalar_head=true', 'post.pairs_per_row=3')
 
 
 def load(data_dir, *overrides) -> config_lib.Config:
@@ -132,22 +132,28 @@ def test_a_reward_run_logs_its_held_out_pairwise_accuracy(reward_run_dir):
   assert math.isfinite(records[4]['eval/preference_loss'])
 
 
-def test_the_reward_objective_is_bradley_terry_on_each_rows_own_score(small_data_dir,
-                                                                      reward_run_dir):
+@pytest.mark.parametrize('pairs_per_row', [1, 3])
+def test_the_reward_objective_is_bradley_terry_on_each_pairs_own_score(small_data_dir,
+                                                                       reward_run_dir,
+                                                                       pairs_per_row):
   graphdef, params = saved_model(reward_run_dir)
   # A head of unit scale, so scores spread well beyond the loss's flat middle.
   w_D = params['scalar_head']['w_D']
   w_D[...] = jax.random.normal(jax.random.key(0), w_D.shape)
-  stream = PairStream(small_data_dir, 'eval', batch_size=3, seq_len=512, num_patches=96,
-                      num_audio_frames=192, patch_dim=192, audio_dim=320, seed=0,
-                      label_noise=0.0, subset='small')
+  shapes = dict(seq_len=512, num_patches=96, num_audio_frames=192, patch_dim=192, audio_dim=320,
+                seed=0, label_noise=0.0, subset='small')
+  stream = PairStream(small_data_dir, 'eval', batch_size=3, pairs_per_row=pairs_per_row,
+                      **shapes)
   pair = next(stream)
   weights = LossWeights(0.01, 0.001, 0.0)
-  objective = preference.make_objective('reward', graphdef, weights, beta=0.1)
+  objective = preference.make_objective('reward', graphdef, weights, beta=0.1,
+                                        pairs_per_row=pairs_per_row)
   loss, metrics = jax.jit(objective)(params, pair, None)
+  count = sum(len(row) for row in stream.last_items)
+  assert metrics['pairs'] == count and count > 3 * (pairs_per_row > 1)
 
-  # Reference: each row alone through the model, its scalar read where the input token is
-  # the reply's closing <end_of_turn> (the last one in the row).
+  # Reference: the same pairs, each alone in a row through the model, its scalar read where
+  # the input token is the reply's closing <end_of_turn> (the last one in the row).
   end_of_turn = text_lib.Tokenizer().end_of_turn_id
   @jax.jit
   def row_scalars(params, batch):
@@ -155,7 +161,7 @@ def test_the_reward_objective_is_bradley_terry_on_each_rows_own_score(small_data
     return model.scalar_head(model.hidden(batch)[0])
 
   scores = []
-  for batch in pair:
+  for batch in next(PairStream(small_data_dir, 'eval', batch_size=count, **shapes)):
     scores.append([])
     for row in range(batch.tokens.shape[0]):
       alone = jax.tree.map(lambda x: x[row:row + 1], batch)
@@ -181,13 +187,15 @@ def dpo_at_step_0(small_data_dir, tiny_sft_run_dir, tmp_path_factory):
   """``(policy, grads, metrics)``: DPO's starting parameters, the gradients of its objective
   at the first step with respect to the policy's and the frozen reference's parameters, and
   its metrics."""
-  config = load(small_data_dir, 'train.stage=dpo', f'train.init_from={tiny_sft_run_dir}',
+  config = load(small_data_dir, 'train.stage=dpo', 'post.pairs_per_row=3',
+                f'train.init_from={tiny_sft_run_dir}',
                 f'train.run_dir={tmp_path_factory.mktemp("dpo")}')
   stage = loop.make_stage(config, parallel.make_mesh(config.mesh))
   stage.open_data(None)
   pair = next(stage.data)
   weights = LossWeights(0.01, 0.001, 0.0)
   objective = preference.make_objective('dpo', stage.graphdef, weights, beta=0.1,
+                                        pairs_per_row=config.post.pairs_per_row,
                                         reference_graphdef=stage.reference.graphdef)
   policy = stage.init_state().params
   grads, metrics = jax.jit(jax.grad(lambda policy, reference: objective(policy, pair, reference),
