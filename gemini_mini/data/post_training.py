@@ -447,9 +447,10 @@ def _sum_reply(problem: arithmetic.Problem, result: int) -> str:
 
 
 def _sum(rng, sources: _Sources) -> dict:
-  while len((problem := arithmetic.draw_problem(
-      rng, 'eval' if sources.held_out else 'train')).operands) != 2:
-    pass
+  split = 'eval' if sources.held_out else 'train'
+  problem = arithmetic.draw_problem(rng, split)
+  while len(problem.operands) != 2:  # a two-number sum: redraw the others
+    problem = arithmetic.draw_problem(rng, split)
   slip = int(rng.choice([-1, 1]) * rng.integers(1, 11))
   wrong = problem.answer + slip if problem.answer + slip >= 0 else problem.answer - slip
   return dict(answer=str(problem.answer), question=QUESTIONS['sum'].format(problem=problem.text),

@@ -60,9 +60,15 @@ def dpo(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_reject
   chosen_B = beta * (policy_chosen_B - reference_chosen_B)
   rejected_B = beta * (policy_rejected_B - reference_rejected_B)
   loss, accuracy = bradley_terry(chosen_B, rejected_B, weight_B)
-  return loss, {'reward_chosen': _pair_mean(chosen_B, weight_B),
-                'reward_rejected': _pair_mean(rejected_B, weight_B),
-                'reward_margin': _pair_mean(chosen_B - rejected_B, weight_B), 'accuracy': accuracy}
+  return loss, {**reward_means(chosen_B, rejected_B, weight_B), 'accuracy': accuracy}
+
+
+def reward_means(reward_chosen_B, reward_rejected_B, weight_B=None):
+  """``{'reward_chosen', 'reward_rejected', 'reward_margin'}``: the mean rewards over the pairs
+  (``weight_B`` as in ``bradley_terry``), what the preference stages log."""
+  return {'reward_chosen': _pair_mean(reward_chosen_B, weight_B),
+          'reward_rejected': _pair_mean(reward_rejected_B, weight_B),
+          'reward_margin': _pair_mean(reward_chosen_B - reward_rejected_B, weight_B)}
 
 
 def kl_penalty(logp_BT, reference_logp_BT, mask_BT, kind='k1'):

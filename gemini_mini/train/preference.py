@@ -63,9 +63,7 @@ def make_objective(stage: str, graphdef, weights: LossWeights, beta: float, pair
       score_BU, aux = reply_scores(model, batch, pairs_per_row)
       chosen_X, rejected_X = (half.ravel() for half in _split(score_BU))
       loss, accuracy = objectives.bradley_terry(chosen_X, rejected_X, valid_X)
-      mean = lambda x_X: (x_X * valid_X).sum() / jnp.maximum(valid_X.sum(), 1.0)
-      extra = {'reward_chosen': mean(chosen_X), 'reward_rejected': mean(rejected_X),
-               'reward_margin': mean(chosen_X - rejected_X)}
+      extra = objectives.reward_means(chosen_X, rejected_X, valid_X)
     else:
       logp_BU, aux = reply_logprobs(model, batch, pairs_per_row)
       reference = nnx.merge(reference_graphdef, jax.lax.stop_gradient(reference_params))
