@@ -152,16 +152,20 @@ class DataConfig:
              'weight, e.g. data.weights.text=1')
 
 
-STAGES = ('pretrain', 'sft', 'reward', 'rlhf', 'dpo')
+STAGES = ('pretrain', 'sft', 'reward', 'rlhf', 'dpo', 'distill')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   # pretrain: the task mixture; sft: the same loop on demonstrations (loss on model turns);
   # reward: Bradley-Terry on preference pairs (model.scalar_head); rlhf: PPO against a reward
-  # model; dpo: DPO on the preference pairs (docs/post_training.md)
-  stage: Literal['pretrain', 'sft', 'reward', 'rlhf', 'dpo'] = 'pretrain'
+  # model; dpo: DPO on the preference pairs (docs/post_training.md); distill: the mixture's
+  # next-token loss and the KL to train.teacher's predictions (docs/nano.md)
+  stage: Literal['pretrain', 'sft', 'reward', 'rlhf', 'dpo', 'distill'] = 'pretrain'
   init_from: str = ''            # a train.run_dir whose parameters this run starts from
+  teacher: str = ''              # distill: the frozen teacher's train.run_dir
+  distill_alpha: float = 0.5     # distill: the KL's share of the loss, the rest cross-entropy
+  distill_temperature: float = 1.0  # distill: both models' logits are divided by it
   steps: int = 1200
   batch_size: int = 8            # global: split over processes, devices and micro-batches
   seq_len: int = 512
@@ -198,13 +202,21 @@ class TrainConfig:
     _require(self.batch_size % self.grad_accum_steps == 0, 'train.grad_accum_steps',
              f'{self.grad_accum_steps} does not divide train.batch_size ({self.batch_size})')
     _require(bool(self.run_dir), 'train.run_dir', 'must name a directory')
-    _require(self.stage == 'pretrain' or bool(self.init_from), 'train.init_from',
+    _require(self.stage in ('pretrain', 'distill') or bool(self.init_from), 'train.init_from',
              f'train.stage {self.stage} starts from another run\'s parameters; set '
              'train.init_from=RUN_DIR (for sft a pretrain run, for reward, rlhf and dpo an sft '
              'run)')
     _require(self.stage != 'pretrain' or not self.init_from, 'train.init_from',
              'pretraining starts from random parameters; drop train.init_from, or set '
              'train.stage=sft to fine-tune that run')
+    _require(bool(self.teacher) == (self.stage == 'distill'), 'train.teacher',
+             'train.stage distill needs the teacher\'s train.run_dir' if self.stage == 'distill'
+             else f'only train.stage distill reads a teacher, not {self.stage}; drop '
+             'train.teacher or set train.stage=distill')
+    _require(0 <= self.distill_alpha <= 1, 'train.distill_alpha',
+             f'must be in [0, 1] (0: cross-entropy alone, 1: the KL alone), got {self.distill_alpha}')
+    _require(self.distill_temperature > 0, 'train.distill_temperature',
+             f'must be positive, got {self.distill_temperature}')
     _require(self.stage in ('pretrain', 'sft') or self.grad_accum_steps == 1,
              'train.grad_accum_steps', f'train.stage {self.stage} takes one update per batch '
              f'of pairs or rollouts; set train.grad_accum_steps=1 and lower '
@@ -212,6 +224,9 @@ class TrainConfig:
     _require(not self.init_from or pathlib.Path(self.init_from).resolve()
              != pathlib.Path(self.run_dir).resolve(), 'train.init_from',
              f'{self.init_from} is this run\'s own train.run_dir; pass another run')
+    _require(not self.teacher or pathlib.Path(self.teacher).resolve()
+             != pathlib.Path(self.run_dir).resolve(), 'train.teacher',
+             f'{self.teacher} is this run\'s own train.run_dir; pass the teacher\'s run')
 
 
 @dataclasses.dataclass(frozen=True)

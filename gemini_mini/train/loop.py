@@ -28,11 +28,13 @@ from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
+from gemini_mini.train import runs
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
 from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import (
+  Teacher,
   abstract_train_state,
   jit_steps,
   make_eval_step,
@@ -128,9 +130,11 @@ def check_divisibility(config: Config, mesh) -> None:
 
 
 class LanguageModelStage(Stage):
-  """``pretrain`` and ``sft``: next-token loss on the task mixture. For ``sft`` the mixture is
-  the demonstrations, whose loss covers the model's turns only (``modalities.conversation``),
-  and the parameters start from ``train.init_from``."""
+  """``pretrain``, ``sft`` and ``distill``: next-token loss on the task mixture. For ``sft``
+  the mixture is the demonstrations, whose loss covers the model's turns only
+  (``modalities.conversation``), and the parameters start from ``train.init_from``. For
+  ``distill`` the loss adds the KL to the frozen ``train.teacher``'s predictions on the same
+  batch, the teacher running in the same jitted step (docs/nano.md#the-teacher-in-the-step)."""
 
   def __init__(self, config: Config, mesh):
     t = config.train
@@ -142,14 +146,31 @@ class LanguageModelStage(Stage):
     self.graphdef, self.shardings, self.abstract = abstract_train_state(
         config.model, self.optimizer, mesh, t.seed)
     schedule = learning_rate_schedule(t.learning_rate, t.steps, t.warmup_steps)
-    self.train_step, self.eval_step = jit_steps(
-        make_train_step(self.graphdef, self.optimizer, schedule, self.weights,
-                        t.grad_accum_steps),
-        make_eval_step(self.graphdef, self.weights), self.shardings, mesh)
     self.tokens_per_step = t.batch_size * t.seq_len
     self.flops_per_step = (metrics_lib.train_flops_per_token(config.model, t.seq_len)
                            * self.tokens_per_step)
+    self.teacher, teacher, teacher_shardings = None, None, None
+    if t.stage == 'distill':
+      self.teacher = runs.load_teacher(config, mesh)
+      self.weights = LossWeights.distillation(
+          t.load_balance_weight, t.router_z_weight, t.logit_z_weight, t.distill_alpha,
+          t.distill_temperature)
+      teacher = Teacher(self.teacher.graphdef, t.distill_temperature)
+      teacher_shardings = jax.tree.map(lambda a: a.sharding, self.teacher.params)
+      # Its forward pass is a third of a trained token's FLOPs.
+      self.flops_per_step += (metrics_lib.train_flops_per_token(self.teacher.config.model,
+                                                                t.seq_len)
+                              * self.tokens_per_step / 3)
+    self.train_step, self.eval_step = jit_steps(
+        make_train_step(self.graphdef, self.optimizer, schedule, self.weights,
+                        t.grad_accum_steps, teacher),
+        make_eval_step(self.graphdef, self.weights, teacher), self.shardings, mesh,
+        teacher_shardings)
     self.data = None
+
+  def teacher_args(self) -> tuple:
+    """What the jitted steps take after the batch: the teacher's parameters, if any."""
+    return () if self.teacher is None else (self.teacher.params,)
 
   def datasets(self) -> dict[str, float]:
     return self.config.data.weights
@@ -167,10 +188,11 @@ class LanguageModelStage(Stage):
     del step
     batch = parallel.host_local_to_global(next(self.data), self.mesh)
     with jax.set_mesh(self.mesh):
-      return self.train_step(state, batch)
+      return self.train_step(state, batch, *self.teacher_args())
 
   def evaluate(self, params) -> dict:
-    return evaluate(self.eval_step, params, self.config, self.mesh, self.weights)
+    eval_step = lambda params, batch: self.eval_step(params, batch, *self.teacher_args())
+    return evaluate(eval_step, params, self.config, self.mesh, self.weights)
 
   def log_values(self) -> dict:
     return {f'data/{name}_share': share for name, share in self.data.position_shares().items()}
@@ -191,7 +213,7 @@ class LanguageModelStage(Stage):
 def make_stage(config: Config, mesh):
   """The stage ``train.stage`` names (the post-training ones are imported when used)."""
   stage = config.train.stage
-  if stage in ('pretrain', 'sft'):
+  if stage in ('pretrain', 'sft', 'distill'):
     return LanguageModelStage(config, mesh)
   if stage in ('reward', 'dpo'):
     from gemini_mini.train.preference import PreferenceStage  # pylint: disable=import-outside-toplevel

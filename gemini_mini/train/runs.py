@@ -1,5 +1,6 @@
 """Parameters of other runs: where a stage starts (``train.init_from``) and the frozen models
-it trains against (DPO's and PPO's reference, PPO's reward model, ``post.reward_from``).
+it trains against (DPO's and PPO's reference, PPO's reward model, ``post.reward_from``, the
+distillation teacher, ``train.teacher``).
 
 Both are restored as parameters alone (no optimizer state), sharded on this run's mesh by
 the same logical-axis rules as the trained model. A frozen model is built with its own saved
@@ -54,6 +55,21 @@ def load_frozen(run_dir: str, mesh, *, key: str, stage: str | None = None) -> Fr
                           f'the train.run_dir of a train.stage={stage} run')
   graphdef, abstract = checkpoint.abstract_params(config.model, mesh)
   return Frozen(config, graphdef, checkpoint.restore_params(directory, step, abstract), step)
+
+
+def load_teacher(config: config_lib.Config, mesh) -> Frozen:
+  """``train.teacher``'s latest checkpoint, checked to read this config's batches and predict
+  over its vocabulary: the distillation term compares the two models' softmaxes token by
+  token."""
+  teacher = load_frozen(config.train.teacher, mesh, key='train.teacher')
+  for name in ('vocab_size', 'patch_dim', 'audio_dim'):
+    theirs, ours = getattr(teacher.config.model, name), getattr(config.model, name)
+    if theirs != ours:
+      raise CheckpointError(
+          f'train.teacher: {config.train.teacher} has model.{name}={theirs}, this student '
+          f'{ours}; a teacher and its student share the vocabulary and input features, so set '
+          f'model.{name}={theirs}')
+  return teacher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,27 +84,33 @@ def apply_gradients(state: TrainState, grads, optimizer, schedule) -> tuple[Trai
            'params_finite': params_finite})
 
 
-def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_accum_steps: int):
-  """Returns the (unjitted) ``train_step(state, batch) -> (state, metrics)``."""
+def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_accum_steps: int,
+                    teacher=None):
+  """Returns the (unjitted) ``train_step(state, batch, teacher_params=None) -> (state,
+  metrics)``. ``teacher`` (a ``Teacher``) adds the distillation term: the frozen teacher's
+  logits of each micro-batch, computed in the same step and never differentiated."""
 
-  def sums_and_grads(params, batch):
+  def sums_and_grads(params, batch, teacher_params):
+    teacher_logits_BTV = None if teacher is None else teacher.logits(teacher_params, batch)
     def objective(params):
       logits_BTV, aux = nnx.merge(graphdef, params)(batch)
-      numerator, sums = loss_sums(logits_BTV, aux, batch, weights)
+      numerator, sums = loss_sums(logits_BTV, aux, batch, weights, teacher_logits_BTV,
+                                  _temperature(teacher))
       return numerator, (sums, aux)
     (_, (sums, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, sums, {k: aux[k] for k in ('expert_load_LE', 'dropped_L')}
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, teacher_params=None):
     if grad_accum_steps == 1:
-      grads, sums, router = sums_and_grads(state.params, batch)
+      grads, sums, router = sums_and_grads(state.params, batch, teacher_params)
     else:
       def accumulate(carry, micro_batch):
-        grads, sums, router = sums_and_grads(state.params, micro_batch)
+        grads, sums, router = sums_and_grads(state.params, micro_batch, teacher_params)
         return jax.tree.map(jnp.add, carry, (grads, sums, router)), None
       micro_batches = _micro_batches(batch, grad_accum_steps)
       first = jax.tree.map(lambda x: x[0], micro_batches)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, state.params, first))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, state.params, first,
+                                                          teacher_params))
       (grads, sums, router), _ = jax.lax.scan(accumulate, zeros, micro_batches)
       router = jax.tree.map(lambda x: x / grad_accum_steps, router)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums['tokens'], 1.0), grads)
@@ -114,18 +120,41 @@ def make_train_step(graphdef, optimizer, schedule, weights: LossWeights, grad_ac
   return train_step
 
 
-def make_eval_step(graphdef, weights: LossWeights):
-  """``eval_step(params, batch) -> sums`` (add them over batches, then ``finalize``)."""
-  def eval_step(params, batch: Batch):
+def make_eval_step(graphdef, weights: LossWeights, teacher=None):
+  """``eval_step(params, batch, teacher_params=None) -> sums`` (add them over batches, then
+  ``finalize``)."""
+  def eval_step(params, batch: Batch, teacher_params=None):
+    teacher_logits_BTV = None if teacher is None else teacher.logits(teacher_params, batch)
     logits_BTV, aux = nnx.merge(graphdef, params)(batch)
-    return loss_sums(logits_BTV, aux, batch, weights)[1]
+    return loss_sums(logits_BTV, aux, batch, weights, teacher_logits_BTV,
+                     _temperature(teacher))[1]
   return eval_step
 
 
-def jit_steps(train_step, eval_step, state_shardings, mesh):
-  """Compiles both steps with explicit shardings; the train state is donated."""
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen model's logits for the distillation term: its parameters are an argument of the
+  jitted steps (``teacher_params``), behind ``stop_gradient``."""
+
+  graphdef: nnx.GraphDef
+  temperature: float
+
+  def logits(self, params, batch: Batch) -> jax.Array:
+    logits_BTV, _ = nnx.merge(self.graphdef, jax.lax.stop_gradient(params))(batch)
+    return logits_BTV
+
+
+def _temperature(teacher: Teacher | None) -> float:
+  return 1.0 if teacher is None else teacher.temperature
+
+
+def jit_steps(train_step, eval_step, state_shardings, mesh, teacher_shardings=None):
+  """Compiles both steps with explicit shardings; the train state is donated. With
+  ``teacher_shardings`` (those the teacher was restored with) the steps take the teacher's
+  parameters as a third argument."""
   batch_sharding = parallel.batch_sharding(mesh)
-  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+  teacher = () if teacher_shardings is None else (teacher_shardings,)
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, *teacher),
                   out_shardings=(state_shardings, None), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding))
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding, *teacher))
   return train, evaluate
