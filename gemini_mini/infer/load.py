@@ -4,6 +4,10 @@
 (``eval.trials=20``, ``model.attention_kernel=chunked``; one that changes the parameter tree
 is refused, naming the paths and the field), restores the parameters alone (not the
 optimizer state) on this host's devices and returns the ``Decoder``.
+
+It reads a quantized directory (``python -m gemini_mini.quantize``) the same way, with the same
+overrides (``model.dtype=bfloat16``): its decoder holds ``qwix.QArray`` weights, runs
+unchanged, and ``step`` is the source run's. So ``eval.py --checkpoint DIR`` takes either.
 """
 
 import dataclasses
@@ -16,6 +20,7 @@ from gemini_mini import checkpoint
 from gemini_mini import config as config_lib
 from gemini_mini import parallel
 from gemini_mini.model import Decoder
+from gemini_mini.quant import checkpoint as quant_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +33,16 @@ class Loaded:
 
 
 def load(run_dir: str | pathlib.Path, overrides=()) -> Loaded:
-  """Restores the latest checkpoint of ``run_dir`` (a ``train.run_dir``).
+  """Restores the latest checkpoint of ``run_dir`` (a ``train.run_dir``, or a quantized
+  directory).
 
   Raises:
     CheckpointError: no usable checkpoint, or an override that changes the parameter tree.
     ConfigError: a bad override.
   """
+  if quant_checkpoint.is_quantized(run_dir):
+    decoder, config, record = quant_checkpoint.load(run_dir, overrides)
+    return Loaded(decoder, config, record['step'])
   directory = pathlib.Path(run_dir) / 'checkpoints'
   step, saved = checkpoint.read_config(directory)
   saved_model = dict(saved.get('model', {}))

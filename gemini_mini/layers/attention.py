@@ -100,13 +100,13 @@ class Attention(nnx.Module):
     self.chunk_size = chunk_size
     self.dtype = dtype
     self.q_DNH = param(rngs, fan_in_init(d_model), (d_model, num_heads, head_dim),
-                       ('embed', 'heads', 'head_dim'))
+                       ('embed', 'heads', 'head_dim'), contract=('embed',))
     self.k_DKH = param(rngs, fan_in_init(d_model), (d_model, num_kv_heads, head_dim),
-                       ('embed', 'kv_heads', 'head_dim'))
+                       ('embed', 'kv_heads', 'head_dim'), contract=('embed',))
     self.v_DKH = param(rngs, fan_in_init(d_model), (d_model, num_kv_heads, head_dim),
-                       ('embed', 'kv_heads', 'head_dim'))
+                       ('embed', 'kv_heads', 'head_dim'), contract=('embed',))
     self.o_NHD = param(rngs, fan_in_init(num_heads * head_dim), (num_heads, head_dim, d_model),
-                       ('heads', 'head_dim', 'embed'))
+                       ('heads', 'head_dim', 'embed'), contract=('heads', 'head_dim'))
 
   def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array,
                positions_BT: jax.Array) -> jax.Array:

@@ -63,7 +63,8 @@ class FeatureEmbed(nnx.Module):
   def __init__(self, in_dim: int, d_model: int, d_ff: int, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.dtype = dtype
-    self.proj_ID = param(rngs, fan_in_init(in_dim), (in_dim, d_model), ('features', 'embed'))
+    self.proj_ID = param(rngs, fan_in_init(in_dim), (in_dim, d_model), ('features', 'embed'),
+                         contract=('features',))
     self.mlp = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs)
     self.norm = RMSNorm(d_model, rngs=rngs)
 

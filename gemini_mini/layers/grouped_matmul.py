@@ -16,14 +16,20 @@ constructor argument, by default the platform's (``Implementation.default()``):
 Rows after the last group (``sum(group_sizes) <= W``) give zeros in both. Both compute in
 ``x``'s dtype (``w`` is cast to it), the tiled one through ``layers.matmul.weight_einsum``
 (float32 accumulation), with the weight gradient in ``w``'s dtype.
+
+Both accept a quantized ``w`` (a ``qwix.QArray``, for inference): ``RAGGED_DOT`` through
+``qwix.ragged_dot``, ``TILED`` by taking each tile's group of the ``QArray`` (its scales keep
+the expert axis) into ``weight_einsum``, without the hand-written backward pass. An
+``Observed`` weight reports the rows and group sizes, then multiplies as a float one.
 """
 
 import enum
 
 import jax
 import jax.numpy as jnp
+import qwix
 
-from gemini_mini.layers.matmul import weight_einsum
+from gemini_mini.layers.matmul import Observed, weight_einsum
 
 
 class Implementation(enum.Enum):
@@ -41,11 +47,16 @@ class Implementation(enum.Enum):
     return cls.TILED if jax.default_backend() == 'cpu' else cls.RAGGED_DOT
 
 
-def grouped_matmul(x_WI: jax.Array, w_EIO: jax.Array, group_sizes_E: jax.Array,
+def grouped_matmul(x_WI: jax.Array, w_EIO: jax.Array | qwix.QArray, group_sizes_E: jax.Array,
                    implementation: Implementation) -> jax.Array:
   """``y_WO``; for ``TILED``, W and every group size must be multiples of its tile size."""
+  if isinstance(w_EIO, Observed):
+    w_EIO.observe('WI,EIO->WO', x_WI, group_sizes_E)
+    w_EIO = w_EIO.w
+  quantized = isinstance(w_EIO, qwix.QArray)
   if implementation is Implementation.RAGGED_DOT:
-    return jax.lax.ragged_dot(x_WI, w_EIO.astype(x_WI.dtype), group_sizes_E.astype(jnp.int32))
+    ragged_dot = qwix.ragged_dot if quantized else jax.lax.ragged_dot
+    return ragged_dot(x_WI, w_EIO.astype(x_WI.dtype), group_sizes_E.astype(jnp.int32))
   if implementation is not Implementation.TILED:
     raise ValueError(f'unknown grouped matmul {implementation!r}; choose one of '
                      f'{list(Implementation)}')
@@ -60,7 +71,8 @@ def grouped_matmul(x_WI: jax.Array, w_EIO: jax.Array, group_sizes_E: jax.Array,
                              w_EIO.shape[0] - 1).astype(jnp.int32)
   num_used = jnp.sum(tile_starts_n < group_ends_E[-1])  # the used tiles come first
   x_ncI = x_WI.reshape(num_tiles, tile, x_WI.shape[1])
-  y_ncO = _tiled_matmul(x_ncI, w_EIO, tile_group_n, num_used)
+  tiled_matmul = _tiled_forward if quantized else _tiled_matmul
+  y_ncO = tiled_matmul(x_ncI, w_EIO, tile_group_n, num_used)
   return y_ncO.reshape(num_rows, w_EIO.shape[2])
 
 
@@ -73,11 +85,13 @@ def _tile_loop(fn, out_shape, dtype, num_used, *operands_n):
   return jax.lax.fori_loop(0, num_used, one_tile, jnp.zeros((num_tiles, *out_shape), dtype))
 
 
-@jax.custom_vjp
-def _tiled_matmul(x_ncI, w_EIO, tile_group_n, num_used):
+def _tiled_forward(x_ncI, w_EIO, tile_group_n, num_used):
   out_shape, dtype = (x_ncI.shape[1], w_EIO.shape[2]), x_ncI.dtype
   matmul = lambda x_cI, g: weight_einsum('cI,IO->cO', x_cI, w_EIO[g], dtype)
   return _tile_loop(matmul, out_shape, dtype, num_used, x_ncI, tile_group_n)
+
+
+_tiled_matmul = jax.custom_vjp(_tiled_forward)
 
 
 def _tiled_matmul_fwd(x_ncI, w_EIO, tile_group_n, num_used):

@@ -13,22 +13,53 @@ bfloat16 operand, which XLA:CPU runs in float32 (docs/benchmarks.md#bfloat16-on-
 weight gradient comes back in float32, never rounded to bfloat16. On GPU, XLA's own
 transposes are already bfloat16 matmuls with float32 accumulation and the hand-written
 backward was slower (docs/benchmarks.md#bfloat16-on-a-gpu), hence CPU only.
+
+A quantized weight (a ``qwix.QArray``: integers and per-group scales, ``gemini_mini.quant``)
+goes through ``qwix.einsum``. With a float activation qwix dequantizes the weight (each
+integer times its group's scale) inside the compiled program and multiplies in ``dtype``: the
+memory saved is the stored weight's, not the matmul's. It serves inference only; no gradient
+flows into it. An ``Observed`` weight reports its matmul's input first: the
+quantizer's calibration (``gemini_mini.quant.calibrate``) collects them, outside ``jit``.
 """
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 
-def weight_einsum(spec: str, x: jax.Array, w: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Observed:
+  """A float weight whose matmuls first call ``observe(spec, x, group_sizes)`` with their
+  input (``group_sizes``: the grouped matmul's, else None), then multiply by ``w``."""
+
+  w: jax.Array
+  observe: Callable[[str, jax.Array, jax.Array | None], None]
+
+  def __getitem__(self, index):  # ``param[...]`` reads the whole weight
+    if index is not Ellipsis:
+      raise TypeError(f'an observed weight is read whole (``[...]``), not at {index!r}')
+    return self
+
+
+def weight_einsum(spec: str, x: jax.Array, w: jax.Array | qwix.QArray, dtype, *,
+                  out_dtype=None) -> jax.Array:
   """``jnp.einsum(spec, x, w)`` with both operands in ``dtype``, float32 accumulation, the
   result in ``out_dtype`` (default ``dtype``). ``spec`` names two operands and the output;
   each index of one operand must appear in the other or in the output. The gradient with
-  respect to ``w`` has ``w``'s dtype; with respect to ``x``, ``x``'s."""
+  respect to ``w`` has ``w``'s dtype; with respect to ``x``, ``x``'s. A ``QArray`` ``w`` is
+  dequantized group by group in ``dtype`` (its scales cast to it)."""
   out_dtype = out_dtype or dtype
   _transposed_specs(spec)  # checks the spec on every platform and dtype
+  if isinstance(w, Observed):
+    w.observe(spec, x, None)
+    w = w.w
+  if isinstance(w, qwix.QArray):
+    return qwix.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
   if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu':
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
   return _low_precision_einsum(spec, jnp.dtype(out_dtype), x.astype(dtype), w)

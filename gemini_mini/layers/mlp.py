@@ -22,9 +22,12 @@ class GatedMLP(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
-    self.gate_DF = param(rngs, fan_in_init(d_model), (d_model, d_ff), ('embed', 'mlp'))
-    self.up_DF = param(rngs, fan_in_init(d_model), (d_model, d_ff), ('embed', 'mlp'))
-    self.down_FD = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ('mlp', 'embed'))
+    self.gate_DF = param(rngs, fan_in_init(d_model), (d_model, d_ff), ('embed', 'mlp'),
+                         contract=('embed',))
+    self.up_DF = param(rngs, fan_in_init(d_model), (d_model, d_ff), ('embed', 'mlp'),
+                       contract=('embed',))
+    self.down_FD = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ('mlp', 'embed'),
+                         contract=('mlp',))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     x_XD = flatten_tokens(x_BTD)

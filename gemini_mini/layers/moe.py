@@ -60,9 +60,12 @@ class MoE(nnx.Module):
     self.dtype = dtype
     self.router = Router(d_model, num_experts, rngs=rngs)
     shape_EDF, shape_EFD = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
-    self.gate_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'))
-    self.up_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'))
-    self.down_EFD = param(rngs, fan_in_init(d_ff), shape_EFD, ('expert', 'mlp', 'embed'))
+    self.gate_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'),
+                          contract=('embed',))
+    self.up_EDF = param(rngs, fan_in_init(d_model), shape_EDF, ('expert', 'embed', 'mlp'),
+                        contract=('embed',))
+    self.down_EFD = param(rngs, fan_in_init(d_ff), shape_EFD, ('expert', 'mlp', 'embed'),
+                          contract=('mlp',))
     self.shared = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs) if shared_expert else None
 
   def capacity(self, length: int) -> int:
@@ -135,11 +138,14 @@ class MoE(nnx.Module):
 
   def _per_slot(self, x_XD, experts_XR, weights_XR):
     """Each routed slot through its own expert, one slot at a time: each reads its expert's
-    weights in place (gathering them into an ``[X, R, D, F]`` copy took twice as long)."""
+    weights in place (gathering them into an ``[X, R, D, F]`` copy took twice as long). A
+    quantized weight (``qwix.QArray``) is indexed in each of its arrays: the expert axis is
+    kept whole in its scales."""
     def one_slot(slot):
       x_D, expert = slot
       def matmul(x_I, p):
-        w_IO = jax.lax.dynamic_index_in_dim(p[...], expert, keepdims=False)
+        w_IO = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False),
+                            p[...])
         return weight_einsum('I,IO->O', x_I, w_IO, self.dtype)
       hidden_F = gated_activation(matmul(x_D, self.gate_EDF), matmul(x_D, self.up_EDF))
       return matmul(hidden_F, self.down_EFD)

@@ -15,16 +15,25 @@ def param(
     init: Initializer,
     shape: tuple[int, ...],
     axes: tuple[str | None, ...],
+    *,
+    contract: tuple[str, ...] = (),
 ) -> nnx.Param:
   """A float32 parameter annotated with logical axis names, one per dimension.
 
   Sharding is applied by whoever builds the model under a mesh (``parallel.py``),
   never eagerly here, so layers can be created with or without a mesh.
+
+  ``contract`` names the axes a weight matmul (``weight_einsum``) sums over, in order; the
+  weight quantizer (``gemini_mini.quant``) groups its scales along them. Names, not indices:
+  ``nnx.vmap`` (``model.scan_layers``) puts a ``layers`` axis in front and keeps the names.
   """
   if len(axes) != len(shape):
     raise ValueError(f'param of shape {shape} needs {len(shape)} axis names, got {axes}')
+  if not set(contract) <= set(axes):
+    raise ValueError(f'param with axes {axes} cannot contract {contract}: name axes it has')
   init = nnx.with_partitioning(init, axes, eager_sharding=False)
-  return nnx.Param(init(rngs.params(), shape, jnp.float32))
+  metadata = {'contract': tuple(contract)} if contract else {}
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), **metadata)
 
 
 def fan_in_init(fan_in: int) -> Initializer:

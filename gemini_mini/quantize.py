@@ -1,0 +1,84 @@
+"""Quantize a trained run's weights to int4 or int8 for inference.
+
+    python -m gemini_mini.quantize --checkpoint RUN_DIR --bits 4 --group 64 \
+        --method rtn|gptq --out DIR [--calibration-rows N]
+
+Writes DIR (``quant/checkpoint.py``), which ``infer.load.load`` and ``eval.py --checkpoint``
+read like a run directory, and prints the quantized weights' bytes against float32's.
+GPTQ calibrates on ``--calibration-rows`` rows of the training mixture drawn with
+``train.seed + CALIBRATION_SEED_OFFSET``: the same kind of data as training, other rows.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import math
+import pathlib
+import sys
+
+from gemini_mini import checkpoint as run_checkpoint
+from gemini_mini import config as config_lib
+from gemini_mini.checkpoint import CheckpointError
+from gemini_mini.infer.load import load
+from gemini_mini.quant import calibrate, checkpoint, model
+
+CALIBRATION_SEED_OFFSET = 1000
+INPUT_ERRORS = (config_lib.ConfigError, CheckpointError, ValueError)
+
+
+def calibration_batches(config: config_lib.Config, rows: int):
+  """Enough training-mixture batches for ``rows`` rows, from a seed training never used."""
+  from gemini_mini.train.loop import make_data  # the data pipeline, for GPTQ alone
+  seed = config.train.seed + CALIBRATION_SEED_OFFSET
+  config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+  return list(itertools.islice(make_data(config, 'train'),
+                               math.ceil(rows / config.train.batch_size)))
+
+
+def quantize(run_dir: str, bits: int, group: int, method: str, out: str, rows: int) -> str:
+  """Writes ``out`` and returns the size report."""
+  if pathlib.Path(out).exists():
+    raise CheckpointError(f'{out} exists; pass another --out, or move it away first')
+  loaded = load(run_dir, ['model.scan_layers=false', 'model.remat=false']
+                if method == 'gptq' else [])
+  model.check_group(loaded.decoder, group)
+  hessians = None
+  if method == 'gptq':
+    hessians = calibrate.hessians(loaded.decoder, calibration_batches(loaded.config, rows))
+  model.quantize(loaded.decoder, bits, group, hessians)
+  _, saved = run_checkpoint.read_config(pathlib.Path(run_dir) / 'checkpoints')
+  source = str(pathlib.Path(run_dir).absolute())
+  checkpoint.save(out, loaded.decoder, saved, {
+      'bits': bits, 'group': group, 'method': method, 'source': source, 'step': loaded.step,
+      **({'calibration_rows': rows} if method == 'gptq' else {})})
+  stored = checkpoint.tensors(loaded.decoder)
+  quantized, float32 = checkpoint.sizes(stored, loaded.decoder)
+  file_bytes = (pathlib.Path(out) / checkpoint.TENSORS).stat().st_size
+  float_file = sum(a.nbytes for a in stored.values()) - quantized + float32
+  return (f'quantized weights: {quantized:,} bytes, float32 {float32:,} '
+          f'({quantized / float32:.3f}); whole file {file_bytes:,} bytes '
+          f'({file_bytes / float_file:.3f} of float32)')
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser.add_argument('--checkpoint', required=True, help='a train.run_dir')
+  parser.add_argument('--bits', type=int, choices=(4, 8), default=4)
+  parser.add_argument('--group', type=int, default=64,
+                      help='weights per scale along each contraction')
+  parser.add_argument('--method', choices=model.METHODS, default='rtn')
+  parser.add_argument('--out', required=True, help='the directory to write (must not exist)')
+  parser.add_argument('--calibration-rows', type=int, default=64,
+                      help='rows of training data GPTQ calibrates on')
+  args = parser.parse_args(argv)
+  try:
+    print(quantize(args.checkpoint, args.bits, args.group, args.method, args.out,
+                   args.calibration_rows))
+  except INPUT_ERRORS as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
