@@ -126,7 +126,9 @@ def measure(loaded, bits, float_bytes, tokenizer, prose_ids, args) -> dict:
           'nll': held_out_nll(loaded, args.eval_batches),
           'recall': float(np.mean([a == r for a, r in zip(answers, references)])),
           'answers': answers,
-          **{f'tokens_per_s_batch{b}': s['new_tokens_per_s'] for b, s in speeds.items()}}
+          **{f'tokens_per_s_batch{b}': s['new_tokens_per_s'] for b, s in speeds.items()},
+          **{f'decode_only_tokens_per_s_batch{b}': s.get('decode_only_tokens_per_s')
+             for b, s in speeds.items()}}
 
 
 def main():
@@ -155,6 +157,9 @@ def main():
   for run in args.runs.split(','):
     print(f'{run}: writing the quantized checkpoints', flush=True)
     written = write_quantized(run, work, args)
+    # GPTQ's solvers are large unrolled programs; a run that kept every compiled program ran
+    # LLVM out of memory on the second model (24 GiB machine).
+    jax.clear_caches()
     base = load(run)
     prose_ids = evals_common.bible_ids(base.config.data.dir, base.config.data.subset, tokenizer)
     results = {}
@@ -168,6 +173,7 @@ def main():
                               prose_ids, args)
       if bits is not None:
         results[name]['write_s'] = written[name][1]
+      jax.clear_caches()
     reference = results['float32']
     for name, result in results.items():
       result['same_answers_as_float32'] = float(np.mean(
