@@ -45,19 +45,20 @@ def quantize(run_dir: str, bits: int, group: int, method: str, out: str, rows: i
   hessians = None
   if method == 'gptq':
     hessians = calibrate.hessians(loaded.decoder, calibration_batches(loaded.config, rows))
-  model.quantize(loaded.decoder, bits, group, hessians)
+  unreached = model.quantize(loaded.decoder, bits, group, hessians)
   _, saved = run_checkpoint.read_config(pathlib.Path(run_dir) / 'checkpoints')
   source = str(pathlib.Path(run_dir).absolute())
-  checkpoint.save(out, loaded.decoder, saved, {
+  stored = checkpoint.save(out, loaded.decoder, saved, {
       'bits': bits, 'group': group, 'method': method, 'source': source, 'step': loaded.step,
       **({'calibration_rows': rows} if method == 'gptq' else {})})
-  stored = checkpoint.tensors(loaded.decoder)
   quantized, float32 = checkpoint.sizes(stored, loaded.decoder)
   file_bytes = (pathlib.Path(out) / checkpoint.TENSORS).stat().st_size
   float_file = sum(a.nbytes for a in stored.values()) - quantized + float32
+  fallback = (f'; no calibration row reached {", ".join(unreached)}: rounded to nearest'
+              if unreached else '')
   return (f'quantized weights: {quantized:,} bytes, float32 {float32:,} '
           f'({quantized / float32:.3f}); whole file {file_bytes:,} bytes '
-          f'({file_bytes / float_file:.3f} of float32)')
+          f'({file_bytes / float_file:.3f} of float32){fallback}')
 
 
 def main(argv=None) -> int:

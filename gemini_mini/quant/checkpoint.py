@@ -53,8 +53,9 @@ def tensors(decoder: Decoder) -> dict[str, np.ndarray]:
 
 
 def save(directory: str | pathlib.Path, decoder: Decoder, saved_config: dict,
-         record: dict) -> None:
-  """Writes ``decoder`` with ``saved_config`` and the ``quantization`` ``record``.
+         record: dict) -> dict[str, np.ndarray]:
+  """Writes ``decoder`` with ``saved_config`` and the ``quantization`` ``record``; returns
+  the tensors written.
 
   Raises:
     CheckpointError: ``directory`` exists (nothing there is touched).
@@ -65,8 +66,10 @@ def save(directory: str | pathlib.Path, decoder: Decoder, saved_config: dict,
   directory.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.', dir=directory.parent))
   (staging / CONFIG).write_text(json.dumps({**saved_config, 'quantization': record}, indent=2))
-  save_file(tensors(decoder), staging / TENSORS)
+  stored = tensors(decoder)
+  save_file(stored, staging / TENSORS)
   os.rename(staging, directory)
+  return stored
 
 
 def load(directory: str | pathlib.Path, overrides=()) -> tuple[Decoder, config_lib.Config, dict]:
