@@ -34,6 +34,8 @@ class ModelConfig:
   vocab_size: int = 8192
   d_model: int = 256
   tie_embeddings: bool = True    # output head = input table (TokenEmbed): copying generalizes
+  scale_tied_logits: bool = True  # tied head: logits = x E^T / sqrt(d_model); false = x E^T
+                                  # (Hugging Face's tied heads)
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 1          # 1 = multi-query; num_heads = multi-head; between = GQA
@@ -45,6 +47,11 @@ class ModelConfig:
   capacity_factor: float = 1.25  # capacity dispatch: slots per expert = cf * T * k / E
   moe_dispatch: Literal['capacity', 'dropless'] = 'dropless'
   shared_expert: bool = False
+  # The router's top-k weights renormalised to sum to one: when_k_above_1 (k = 1 keeps the
+  # probability itself, Switch), always (Mixtral), never (OLMoE, Qwen-MoE)
+  renormalize_top_k: Literal['when_k_above_1', 'always', 'never'] = 'when_k_above_1'
+  activation: Literal['gelu', 'silu'] = 'gelu'  # the gated FFN's: GeGLU, or SwiGLU (Mixtral)
+  norm_eps: float = 1e-6         # every RMSNorm's epsilon (Mixtral: 1e-5)
   max_length: int = 8192         # longest sequence (training, prompts + generation)
   attention_kernel: Literal['dense', 'chunked'] = 'chunked'
   attention_chunk: int = 256     # block size of the chunked kernel
@@ -86,6 +93,8 @@ class ModelConfig:
                f'({self.moe_every}) layers, which does not divide model.num_layers '
                f'({self.num_layers}); use a num_layers that is a multiple of moe_every, '
                'or set scan_layers: false')
+    _require(0 < self.norm_eps < 1, 'model.norm_eps',
+             f'must be in (0, 1), got {self.norm_eps}; RMSNorm adds it to the mean square')
     _require(self.attention_window >= 0, 'model.attention_window',
              f'must be >= 0 (0 = global attention), got {self.attention_window}')
     _require(self.rope_max_wavelength > 0, 'model.rope_max_wavelength',

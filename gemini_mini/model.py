@@ -48,19 +48,21 @@ class DecoderBlock(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, use_moe: bool, rngs: nnx.Rngs):
     dtype = compute_dtype(config)
-    self.attention_norm = RMSNorm(config.d_model, rngs=rngs)
+    self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.attention = Attention(
         config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
         rope_max_wavelength=config.rope_max_wavelength, window=config.attention_window,
         kernel=config.attention_kernel, chunk_size=config.attention_chunk, dtype=dtype,
         rngs=rngs)
-    self.ffn_norm = RMSNorm(config.d_model, rngs=rngs)
+    self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     if use_moe:
       self.ffn = MoE(config.d_model, config.d_ff, config.num_experts, config.experts_per_token,
                      dispatch=config.moe_dispatch, capacity_factor=config.capacity_factor,
-                     shared_expert=config.shared_expert, dtype=dtype, rngs=rngs)
+                     shared_expert=config.shared_expert, activation=config.activation,
+                     renormalize=config.renormalize_top_k, dtype=dtype, rngs=rngs)
     else:
-      self.ffn = GatedMLP(config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
+      self.ffn = GatedMLP(config.d_model, config.d_ff, activation=config.activation, dtype=dtype,
+                          rngs=rngs)
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, *,
                prefill: bool = False):
@@ -110,9 +112,12 @@ class Decoder(nnx.Module):
     self.config = config
     dtype = compute_dtype(config)
     self.text = TokenEmbed(config.vocab_size, config.d_model, tied=config.tie_embeddings,
-                           dtype=dtype, rngs=rngs)
-    self.image = FeatureEmbed(config.patch_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
-    self.audio = FeatureEmbed(config.audio_dim, config.d_model, config.d_ff, dtype=dtype, rngs=rngs)
+                           scale_tied=config.scale_tied_logits, dtype=dtype, rngs=rngs)
+    features = lambda in_dim: FeatureEmbed(in_dim, config.d_model, config.d_ff,
+                                           activation=config.activation,
+                                           norm_eps=config.norm_eps, dtype=dtype, rngs=rngs)
+    self.image = features(config.patch_dim)
+    self.audio = features(config.audio_dim)
     if config.scan_layers:
       @nnx.split_rngs(splits=num_groups(config))
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
@@ -123,7 +128,7 @@ class Decoder(nnx.Module):
       self.blocks = nnx.List([
           DecoderBlock(config, use_moe=config.is_moe_layer(i), rngs=rngs)
           for i in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.d_model, rngs=rngs)
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     if config.scalar_head:
       self.scalar_head = ScalarHead(config.d_model, rngs=rngs)
 

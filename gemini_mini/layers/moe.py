@@ -45,6 +45,7 @@ class MoE(nnx.Module):
   def __init__(
       self, d_model: int, d_ff: int, num_experts: int, experts_per_token: int, *,
       dispatch: str = 'capacity', capacity_factor: float = 1.25, shared_expert: bool = False,
+      activation: str = 'gelu', renormalize: str = 'when_k_above_1',
       grouped_matmul: Implementation | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
   ):
     if dispatch not in DISPATCHES:
@@ -55,6 +56,8 @@ class MoE(nnx.Module):
     self.num_experts = num_experts
     self.experts_per_token = experts_per_token
     self.dispatch = dispatch
+    self.activation = activation
+    self.renormalize = renormalize
     self.capacity_factor = capacity_factor
     self.grouped_matmul = grouped_matmul or Implementation.default()
     self.dtype = dtype
@@ -66,7 +69,8 @@ class MoE(nnx.Module):
                         contract=('embed',))
     self.down_EFD = param(rngs, fan_in_init(d_ff), shape_EFD, ('expert', 'mlp', 'embed'),
                           contract=('mlp',))
-    self.shared = GatedMLP(d_model, d_ff, dtype=dtype, rngs=rngs) if shared_expert else None
+    self.shared = (GatedMLP(d_model, d_ff, activation=activation, dtype=dtype, rngs=rngs)
+                   if shared_expert else None)
 
   def capacity(self, length: int) -> int:
     """Slots per expert per sequence of ``length`` tokens under capacity dispatch."""
@@ -83,7 +87,7 @@ class MoE(nnx.Module):
     if valid_BT is None:
       valid_BT = jnp.ones((batch, length), bool)
     logits_BTE = self.router(x_BTD)
-    experts_BTR, weights_BTR = top_k_routing(logits_BTE, self.experts_per_token)
+    experts_BTR, weights_BTR = top_k_routing(logits_BTE, self.experts_per_token, self.renormalize)
     x_XD = x_BTD.astype(self.dtype).reshape(batch * length, d_model)
     experts_XR, weights_XR = (a.reshape(batch * length, -1) for a in (experts_BTR, weights_BTR))
     valid_X = valid_BT.reshape(-1)
@@ -126,14 +130,14 @@ class MoE(nnx.Module):
     matmul = lambda spec, x, p: weight_einsum(spec, x, p[...], self.dtype)
     x_ECD = x_WD[:num_buffer_rows].reshape(self.num_experts, rows.per_expert, -1)
     hidden_ECF = gated_activation(matmul('ECD,EDF->ECF', x_ECD, self.gate_EDF),
-                                  matmul('ECD,EDF->ECF', x_ECD, self.up_EDF))
+                                  matmul('ECD,EDF->ECF', x_ECD, self.up_EDF), self.activation)
     y_WD = matmul('ECF,EFD->ECD', hidden_ECF, self.down_EFD).reshape(num_buffer_rows, -1)
     if rows.overflow_E is None:
       return y_WD
     grouped = lambda x, p: grouped_matmul(x, p[...], rows.overflow_E, self.grouped_matmul)
     x_overflow_WD = x_WD[num_buffer_rows:]
     hidden_WF = gated_activation(grouped(x_overflow_WD, self.gate_EDF),
-                                 grouped(x_overflow_WD, self.up_EDF))
+                                 grouped(x_overflow_WD, self.up_EDF), self.activation)
     return jnp.concatenate([y_WD, grouped(hidden_WF, self.down_EFD)])
 
   def _per_slot(self, x_XD, experts_XR, weights_XR):
@@ -147,7 +151,8 @@ class MoE(nnx.Module):
         w_IO = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False),
                             p[...])
         return weight_einsum('I,IO->O', x_I, w_IO, self.dtype)
-      hidden_F = gated_activation(matmul(x_D, self.gate_EDF), matmul(x_D, self.up_EDF))
+      hidden_F = gated_activation(matmul(x_D, self.gate_EDF), matmul(x_D, self.up_EDF),
+                                  self.activation)
       return matmul(hidden_F, self.down_EFD)
     slots = (jnp.repeat(x_XD, self.experts_per_token, axis=0), experts_XR.reshape(-1))
     y_XRD = jax.lax.map(one_slot, slots).reshape(*experts_XR.shape, -1)

@@ -10,7 +10,8 @@ from gemini_mini.layers.param import param
 class RMSNorm(nnx.Module):
   """``y = x / sqrt(mean(x**2) + eps) * scale`` over the last axis.
 
-  Shapes: ``x_...D -> y_...D`` in the input dtype; the statistics are float32.
+  Shapes: ``x_...D -> y_...D`` in the input dtype; the statistics are float32. ``eps`` is
+  part of a trained model (Mixtral's is 1e-5): an imported one keeps its own.
   """
 
   def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):

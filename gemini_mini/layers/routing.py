@@ -22,16 +22,27 @@ class Router(nnx.Module):
     return logits_XE.reshape(*x_BTD.shape[:-1], -1)
 
 
-def top_k_routing(logits_BTE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+RENORMALIZE = ('when_k_above_1', 'always', 'never')
+
+
+def top_k_routing(logits_BTE: jax.Array, k: int, renormalize: str = 'when_k_above_1',
+                  ) -> tuple[jax.Array, jax.Array]:
   """The ``k`` most probable experts of each token and their combine weights.
 
-  Returns ``experts_BTR`` (int32, most probable first) and ``weights_BTR`` (float32). With
-  k = 1 the weight is the router probability itself (Switch), so the task loss trains the
-  router; with k > 1 the k probabilities are renormalised to sum to one (GShard, Mixtral).
+  Returns ``experts_BTR`` (int32, most probable first) and ``weights_BTR`` (float32), the
+  router probabilities of the chosen experts, renormalised to sum to one as ``renormalize``
+  says:
+
+  * ``when_k_above_1`` (gemini_mini's rule): with k = 1 the weight is the probability itself
+    (Switch), so the task loss trains the router; with k > 1 the k are renormalised (GShard);
+  * ``always``: renormalised even at k = 1, where every weight is then 1 (Mixtral);
+  * ``never``: the raw probabilities (OLMoE and Qwen-MoE's ``norm_topk_prob: false``).
   """
+  if renormalize not in RENORMALIZE:
+    raise ValueError(f'unknown renormalize rule {renormalize!r}; choose one of {RENORMALIZE}')
   probs_BTE = jax.nn.softmax(logits_BTE, axis=-1)
   weights_BTR, experts_BTR = jax.lax.top_k(probs_BTE, k)
-  if k > 1:
+  if renormalize == 'always' or (renormalize == 'when_k_above_1' and k > 1):
     weights_BTR = weights_BTR / weights_BTR.sum(-1, keepdims=True)
   return experts_BTR.astype(jnp.int32), weights_BTR
 

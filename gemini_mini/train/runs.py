@@ -72,6 +72,10 @@ def load_teacher(config: config_lib.Config, mesh) -> Frozen:
   return teacher
 
 
+# Model fields that change what the parameters compute without changing their tree.
+FUNCTION_FIELDS = ('activation', 'norm_eps', 'renormalize_top_k', 'scale_tied_logits')
+
+
 @dataclasses.dataclass(frozen=True)
 class Start:
   """``train.init_from``'s latest checkpoint, checked against this config's decoder."""
@@ -101,6 +105,16 @@ def check_start(config: config_lib.Config) -> Start:
           f'{config.train.init_from} is a train.stage={saved_stage} run, whose scalar head '
           f'train.stage={config.train.stage} has no use for; pass the train.run_dir of '
           f'{"a pretrain" if config.train.stage == "sft" else "an sft"} run')
+    # The function must be the saved one: these fields leave the tree alone but change
+    # what it computes (an imported Mixtral needs its own).
+    defaults = config_lib.ModelConfig()
+    differing = {f'model.{name}': (saved_model.get(name, getattr(defaults, name)),
+                                   getattr(config.model, name))
+                 for name in FUNCTION_FIELDS
+                 if saved_model.get(name, getattr(defaults, name)) != getattr(config.model, name)}
+    if differing:
+      raise CheckpointError(f'{config.train.init_from} was trained with other model '
+                            'conventions: ' + checkpoint.remedy(differing, 'start from it'))
     # The decoder must be the saved one; the head may be added (sft -> reward, rlhf).
     wanted = dataclasses.replace(config.model, scalar_head=bool(saved_model.get('scalar_head')))
     checkpoint.check_params(directory, step, saved_model, wanted,

@@ -57,6 +57,14 @@ def test_tied_logits_read_the_input_table_scaled():
   np.testing.assert_allclose(logits_BTV, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_unscaled_tied_logits_read_the_input_table_as_it_is():
+  # Hugging Face's tied heads (scale_tied=False): logits = x E^T, no 1/sqrt(D).
+  embed = TokenEmbed(V, D, tied=True, scale_tied=False, rngs=nnx.Rngs(1))
+  x_BTD = _rand((2, 3, D))
+  expected = np.asarray(x_BTD, np.float64) @ np.asarray(embed.embedding_VD[...], np.float64).T
+  np.testing.assert_allclose(embed.logits(x_BTD), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_tied_embedding_gets_gradient_from_both_uses():
   """The one table is trained by the lookup and by the output head."""
   embed = TokenEmbed(V, D, tied=True, rngs=nnx.Rngs(3))

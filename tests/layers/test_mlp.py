@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from gemini_mini.layers import GatedMLP
@@ -40,6 +41,22 @@ def test_gated_mlp_matches_numpy_formula():
   assert y_BTD.shape == (2, 3, D) and y_BTD.dtype == jnp.float32
   expected = _numpy_mlp(x_BTD, mlp.gate_DF[...], mlp.up_DF[...], mlp.down_FD[...])
   np.testing.assert_allclose(y_BTD, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_silu_gated_mlp_matches_numpy_swiglu():
+  # SwiGLU, Mixtral's FFN: (silu(x gate) * (x up)) down, silu(h) = h / (1 + exp(-h)).
+  mlp = GatedMLP(D, F, activation='silu', rngs=nnx.Rngs(2))
+  x_BTD = _x((2, 3, D), 5)
+  x, g, u, d = (np.asarray(a, np.float64)
+                for a in (x_BTD, mlp.gate_DF[...], mlp.up_DF[...], mlp.down_FD[...]))
+  h = x @ g
+  np.testing.assert_allclose(mlp(x_BTD), (h / (1 + np.exp(-h)) * (x @ u)) @ d, atol=1e-5,
+                             rtol=1e-4)
+
+
+def test_an_unknown_activation_is_refused():
+  with pytest.raises(ValueError, match='silu'):
+    GatedMLP(D, F, activation='relu', rngs=nnx.Rngs(0))
 
 
 def test_gated_mlp_gradients_match_hand_derivative():

@@ -42,6 +42,25 @@ def test_top_k_two_renormalises():
   np.testing.assert_allclose(weights_BTR.sum(-1), 1.0, rtol=1e-6)
 
 
+def test_renormalizing_always_gives_top_one_the_whole_weight():
+  # Mixtral renormalises at k = 1 too: each token's one expert gets weight 1.
+  experts_BTR, weights_BTR = top_k_routing(_logits(PROBS_TE), 1, 'always')
+  np.testing.assert_array_equal(experts_BTR[0, :, 0], [0, 1, 0, 2])
+  np.testing.assert_array_equal(weights_BTR, np.ones((1, 4, 1), np.float32))
+
+
+def test_renormalizing_never_keeps_the_raw_probabilities():
+  experts_BTR, weights_BTR = top_k_routing(_logits(PROBS_TE), 2, 'never')
+  np.testing.assert_array_equal(experts_BTR[0], [[0, 1], [1, 2], [0, 1], [2, 0]])
+  np.testing.assert_allclose(weights_BTR[0], [[0.7, 0.2], [0.6, 0.3], [0.5, 0.3], [0.6, 0.25]],
+                             rtol=1e-6)
+
+
+def test_an_unknown_renormalize_rule_is_refused():
+  with pytest.raises(ValueError, match='always'):
+    top_k_routing(_logits(PROBS_TE), 2, 'sometimes')
+
+
 def test_top_k_orders_most_probable_first():
   rng = np.random.default_rng(0)
   logits_BTE = rng.normal(size=(2, 5, 6)).astype(np.float32)

@@ -261,13 +261,16 @@ def train_main():
      'finished run'),
     ([*SFT, 'train.init_from={tiny_run_dir}', 'model.num_layers=4'],
      'model.num_layers: 2 -> 4'),
+    ([*SFT, 'train.init_from={tiny_run_dir}', 'model.activation=silu', 'model.norm_eps=1e-5'],
+     "model.activation: 'gelu' -> 'silu', model.norm_eps: 1e-06 -> 1e-05; start from it with "
+     'model.activation=gelu model.norm_eps=1e-06'),
     (['train.stage=dpo', 'train.init_from={reward_run_dir}'],
      'is a train.stage=reward run, whose scalar head train.stage=dpo has no use for; pass '
      'the train.run_dir of an sft run'),
     ([*SFT], 'train.init_from: train.stage sft starts from another run\'s parameters'),
     (['train.stage=rlhf', 'model.scalar_head=true', 'train.init_from={tmp}'],
      'post.reward_from: train.stage rlhf needs a reward model'),
-], ids=['missing', 'another_model', 'a_head_dropped', 'sft_without_init_from',
+], ids=['missing', 'another_model', 'other_conventions', 'a_head_dropped', 'sft_without_init_from',
         'rlhf_without_reward_from'])
 def test_a_bad_start_exits_2_naming_the_field(request, small_data_dir, tmp_path, capsys,
                                               overrides, message):
