@@ -39,19 +39,16 @@ class HFCheckpoint:
                           f'{CONFIG} and the *.safetensors weights')
     self.config = _read_json(self.directory / CONFIG, 'the model config')
     self._file_of = self._tensor_files()
-    self._open = {}
+    self._shapes = {}
     for name in sorted(set(self._file_of.values())):
-      path = self.directory / name
-      try:
-        self._open[name] = safe_open(path, framework='np')
-      except (SafetensorError, OSError) as error:
-        raise HFFormatError(f'{path}: not a readable safetensors file ({error}); it may be '
-                            'truncated: download it again') from error
-      listed = {t for t, f in self._file_of.items() if f == name}
-      missing = listed - set(self._open[name].keys())
-      if missing:
-        raise HFFormatError(f'{self.directory / INDEX} lists {sorted(missing)[:3]} in {name}, '
-                            'which does not hold them; download the shards and index again')
+      with self._opened(name) as handle:
+        listed = {t for t, f in self._file_of.items() if f == name}
+        missing = listed - set(handle.keys())
+        if missing:
+          raise HFFormatError(f'{self.directory / INDEX} lists {sorted(missing)[:3]} in '
+                              f'{name}, which does not hold them; download the shards and '
+                              'index again')
+        self._shapes.update({t: tuple(handle.get_slice(t).get_shape()) for t in listed})
     if not self._file_of:
       raise HFFormatError(f'{self.directory}: no *.safetensors weights; gemini_mini reads '
                           'safetensors only (convert *.bin files with transformers first)')
@@ -88,18 +85,29 @@ class HFCheckpoint:
     return set(self._file_of)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.slice(name).get_shape())
+    self._check(name)
+    return self._shapes[name]
 
-  def tensor(self, name: str) -> np.ndarray:
-    """The tensor ``name``, read from its file now."""
-    return self.slice(name)[...]
+  def tensor(self, name: str, index=...) -> np.ndarray:
+    """The tensor ``name``, or its ``[index]`` part alone (``(3, slice(0, 8))``), read from
+    its file now. The file is mapped for this read only: its pages leave the process's
+    memory once the tensor is copied out."""
+    self._check(name)
+    with self._opened(self._file_of[name]) as handle:
+      return handle.get_slice(name)[index]
 
-  def slice(self, name: str):
-    """A lazy view of ``name``: indexing it (``view[3, :8]``) reads that part alone."""
+  def _check(self, name: str) -> None:
     if name not in self._file_of:
       raise HFFormatError(f'{self.directory}: the weights lack the tensor {name}; the '
                           'checkpoint is incomplete or of another architecture')
-    return self._open[self._file_of[name]].get_slice(name)
+
+  def _opened(self, file_name: str):
+    path = self.directory / file_name
+    try:
+      return safe_open(path, framework='np')
+    except (SafetensorError, OSError) as error:
+      raise HFFormatError(f'{path}: not a readable safetensors file ({error}); it may be '
+                          'truncated: download it again') from error
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:

@@ -228,7 +228,7 @@ class HubView:
   def tensor(self, name: str) -> np.ndarray:
     if name in self._fused:
       fused, index = self._fused[name]
-      return self.hf.slice(fused)[index] if index else self.hf.tensor(fused)
+      return self.hf.tensor(fused, index or ...)
     return self.hf.tensor(name)
 
 
