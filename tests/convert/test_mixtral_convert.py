@@ -211,3 +211,15 @@ def test_the_cli_reports_errors_and_writes_nothing(tmp_path, capsys):
                    'model.d_model=64']) == 2
   assert 'model.d_model is set by' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
+
+
+def test_the_quantizer_takes_an_imported_run(imported, tmp_path):
+  from gemini_mini import quantize  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'int4'
+  assert quantize.main(['--checkpoint', str(imported['mixtral_tiny']), '--bits', '4',
+                        '--group', '16', '--method', 'rtn', '--out', str(out)]) == 0
+  run = load(out)
+  assert type(run.decoder.blocks[0].ffn.gate_EDF[...]).__name__ == 'QArray'
+  tokens = np.load(FIXTURES / 'mixtral_tiny' / 'tokens.npy')
+  logits, _ = run.decoder(_text_batch(tokens, run.config.model))
+  assert logits.shape == (*tokens.shape, 256) and np.isfinite(np.asarray(logits)).all()
