@@ -5,8 +5,11 @@ Mixtrals in the hub layout, bfloat16, with transformers' float32 logits beside t
 """
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +226,23 @@ def test_the_quantizer_takes_an_imported_run(imported, tmp_path):
   tokens = np.load(FIXTURES / 'mixtral_tiny' / 'tokens.npy')
   logits, _ = run.decoder(_text_batch(tokens, run.config.model))
   assert logits.shape == (*tokens.shape, 256) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_mesh_import_reads_each_shard_its_own_experts():
+  # 4 expert shards x 2 data replicas: every device's expert stack holds one expert, and the
+  # import reads per device only that expert's three matrices, never the whole stack.
+  script = pathlib.Path(__file__).parent / 'sharded_import.py'
+  result = subprocess.run([sys.executable, str(script), str(FIXTURES / 'mixtral_tiny')],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                          cwd=pathlib.Path(__file__).parent.parent.parent)
+  assert result.returncode == 0, result.stderr[-4000:]
+  runs = json.loads(result.stdout.strip().splitlines()[-1])
+  one, sharded = runs['one'], runs['sharded']
+  assert sorted(map(tuple, sharded['gate_shards'])) == sorted([(e, e + 1) for e in range(4)] * 2)
+  assert sharded['shards_match']
+  layers, experts, matrices, devices = 3, 4, 3, 8
+  assert one['expert_reads'] == layers * matrices * experts  # one device reads each once
+  assert sharded['expert_reads'] == layers * matrices * devices  # one expert per device
+  assert one['params'].keys() == sharded['params'].keys()
+  for key, values in one['params'].items():
+    np.testing.assert_array_equal(sharded['params'][key], values, err_msg=key)
