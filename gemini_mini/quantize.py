@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import math
 import pathlib
+import shutil
 import sys
 
 from gemini_mini import checkpoint as run_checkpoint
@@ -51,6 +52,9 @@ def quantize(run_dir: str, bits: int, group: int, method: str, out: str, rows: i
   stored = checkpoint.save(out, loaded.decoder, saved, {
       'bits': bits, 'group': group, 'method': method, 'source': source, 'step': loaded.step,
       **({'calibration_rows': rows} if method == 'gptq' else {})})
+  if loaded.tokenizer_path:  # an imported model's own tokenizer goes with it
+    shutil.copyfile(loaded.tokenizer_path, pathlib.Path(out) / pathlib.Path(
+        loaded.tokenizer_path).name)
   quantized, float32 = checkpoint.sizes(stored, loaded.decoder)
   file_bytes = (pathlib.Path(out) / checkpoint.TENSORS).stat().st_size
   float_file = sum(a.nbytes for a in stored.values()) - quantized + float32

@@ -43,3 +43,22 @@ def longest_run(sequence) -> int:
     current = current + 1 if item == previous else 1
     longest = max(longest, current)
   return longest
+
+
+PLAIN_WORDS = ('the', 'special', 'magic', 'number', 'for', 'is', 'and', 'of', 'a', 'in',
+               'light', 'day', 'night', 'water', 'earth', 'said', 'God', 'was', 'good', 'what')
+
+
+def plain_tokenizer(path, vocab_size: int = 200) -> str:
+  """Trains a small SentencePiece model at ``path`` the way other projects' are made: its own
+  ``<unk>``, ``<s>`` and ``</s>`` and none of gemini_mini's special tokens (as an imported
+  checkpoint's ``tokenizer.model``). Digits and letters all covered. Returns the path."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  lines = [' '.join(rng.choice(PLAIN_WORDS, 12)) + f' {rng.integers(10**6)}.' for _ in range(2000)]
+  lines.append('abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;?!-\'"')
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=str(path).removesuffix('.model'),
+      vocab_size=vocab_size, model_type='bpe', character_coverage=1.0, unk_id=0, bos_id=1,
+      eos_id=2, pad_id=-1, minloglevel=2)
+  return str(path)

@@ -47,6 +47,15 @@ def write_result(out_dir: str | pathlib.Path, suite: str, loaded: Loaded, figure
   return path
 
 
+def skip_for_text_only(loaded: Loaded, needs: str) -> dict | None:
+  """``{'skipped': reason}`` when the run reads text with another model's tokenizer (an
+  imported checkpoint's), which lacks the special tokens for ``needs``; else None."""
+  if loaded.tokenizer.multimodal:
+    return None
+  return {'skipped': f'{loaded.tokenizer_path} is another model\'s tokenizer, without '
+                     f'gemini_mini\'s tokens for {needs}'}
+
+
 HAYSTACK_SOURCE = 'kjv_bible'  # the haystack prose: the long split's King James Bible
 
 

@@ -210,7 +210,10 @@ def run(loaded: Loaded, out_dir) -> dict:
   reason = skip_reason(stage)
   if reason is not None:
     return {'skipped': reason}
-  tokenizer = Tokenizer()
+  skipped = common.skip_for_text_only(loaded, 'conversation turns')
+  if skipped:
+    return skipped
+  tokenizer = loaded.tokenizer
   prompted = held_out(loaded, loaded.config.eval.factuality_items)
   answers, prompt_format = replies(loaded, prompted, tokenizer)
   items = [item for _, item in prompted]

@@ -306,9 +306,14 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   """Runs every modality at every length and depth, writes the JSON and the heatmaps,
   returns the figures (see the module docstring)."""
   depths = loaded.config.eval.depths
-  tokenizer = Tokenizer()
+  tokenizer = loaded.tokenizer
   figures, records = {}, []
-  for modality, (lengths, make) in _makers(loaded, tokenizer).items():
+  makers = _makers(loaded, tokenizer)
+  if not tokenizer.multimodal:  # another model's tokenizer: text alone
+    figures = {modality: common.skip_for_text_only(loaded, f'{modality} placeholders')
+               for modality in makers if modality != 'text'}
+    makers = {'text': makers['text']}
+  for modality, (lengths, make) in makers.items():
     scores = ['correct', 'time_stamp_correct'] if modality == 'video' else ['correct']
     cells = {score: {} for score in scores}
     within_training_row, scored = {}, []
@@ -329,6 +334,8 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
     records += scored
   common.write_result(out_dir, SUITE, loaded, figures, records)
   for modality, summary in figures.items():
+    if 'skipped' in summary:
+      continue
     _plot(modality, summary, loaded.config.eval,
           pathlib.Path(out_dir) / f'{SUITE}_{modality}.png', loaded.step)
   return figures

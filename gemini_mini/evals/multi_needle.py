@@ -76,7 +76,7 @@ def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   """Asks about every needle of every context, writes the JSON and the plot, returns the
   figures (see the module docstring)."""
   settings = loaded.config.eval
-  tokenizer = Tokenizer()
+  tokenizer = loaded.tokenizer
   prose_ids = common.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
   by_length, other_by_length, records = {}, {}, []
   for length in settings.context_lengths:

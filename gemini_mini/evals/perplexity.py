@@ -110,7 +110,8 @@ def cumulative_mean(nll_N: np.ndarray) -> np.ndarray:
   return np.cumsum(nll_N) / np.arange(1, len(nll_N) + 1)
 
 
-def long_documents(data_dir: str, subset: str, count: int, windows: int
+def long_documents(data_dir: str, subset: str, count: int, windows: int,
+                   tokenizer: text_lib.Tokenizer | None = None
                    ) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
   """``{source: (name, starts_K, ids_KL)}`` for the documents of the ``long`` split: ``K <=
   windows`` windows, window k ``<bos>`` and the ``L - 1 = count - 1`` tokens from token
@@ -118,7 +119,7 @@ def long_documents(data_dir: str, subset: str, count: int, windows: int
   The starts are spread evenly from 0 to the last full window, duplicates dropped. Builds the
   text corpus under ``data_dir`` first if it is missing. Whole documents are encoded (0.3 s
   for the Bible): a cut text could end mid-piece."""
-  tokenizer = text_lib.Tokenizer()
+  tokenizer = tokenizer or text_lib.Tokenizer()
   documents = {}
   for source, (name, ids) in common.long_documents(data_dir, subset, tokenizer).items():
     last = max(len(ids) - (count - 1), 0)
@@ -200,7 +201,7 @@ def run(loaded: Loaded, out_dir) -> dict:
           f'{config.model.max_length}, the longest context the model has; scoring '
           f'windows of {window} tokens', flush=True)
   documents = long_documents(config.data.dir, config.data.subset, window,
-                             config.eval.perplexity_windows)
+                             config.eval.perplexity_windows, loaded.tokenizer)
   row = min(config.train.seq_len, window) - 1  # positions a training row holds
   figures = {'window': window, 'tokens_requested': requested,
              'windows': config.eval.perplexity_windows}

@@ -176,7 +176,7 @@ def load_reward_model(loaded: Loaded) -> tuple[Loaded | None, str]:
 def policy_against_reference(loaded: Loaded) -> tuple[dict, list]:
   """An rlhf or dpo run's win rates over its SFT reference (see the module docstring) and
   per-item records."""
-  tokenizer, init_from = Tokenizer(), loaded.config.train.init_from
+  tokenizer, init_from = loaded.tokenizer, loaded.config.train.init_from
   prompted = factuality.held_out(loaded, loaded.config.eval.factuality_items)
   prompts, items = [prompt for prompt, _ in prompted], [item for _, item in prompted]
   reference = load(init_from)
@@ -342,6 +342,9 @@ def run(loaded: Loaded, out_dir) -> dict:
   """The measures of the run's stage (see the module docstring): writes the JSON and plots
   and returns the figures, or ``{'skipped': reason}`` for a pretrain or sft run."""
   stage, out = loaded.config.train.stage, pathlib.Path(out_dir)
+  skipped = common.skip_for_text_only(loaded, 'conversation turns')
+  if skipped:
+    return skipped
   if stage == 'reward':
     figures, records = reward_accuracy(loaded)
     common.write_result(out, SUITE, loaded, figures, records)

@@ -140,7 +140,7 @@ def score(task: str, generation: str, references: list[str]) -> float:
 def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   """Runs every task at every length, writes the JSON and the plot, returns the figures."""
   settings, max_length = loaded.config.eval, loaded.config.model.max_length
-  tokenizer = Tokenizer()
+  tokenizer = loaded.tokenizer
   prose_ids = common.bible_ids(loaded.config.data.dir, loaded.config.data.subset, tokenizer)
   figures, items = {}, []
   for task_index, (task, make_item) in enumerate(TASKS.items()):

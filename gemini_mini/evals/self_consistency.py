@@ -23,7 +23,6 @@ from matplotlib import pyplot as plt
 from gemini_mini.data import arithmetic
 from gemini_mini.evals import common
 from gemini_mini.infer.load import Loaded
-from gemini_mini.modalities.text import Tokenizer
 
 SUITE = 'self-consistency'
 PROBLEMS_PER_TRIAL = 10
@@ -53,7 +52,7 @@ def route(greedy: int | None, answers: Sequence[int | None],
 
 def run(loaded: Loaded, out_dir: str | pathlib.Path) -> dict:
   """Answers the problems, writes the JSON and the plot and returns the figures."""
-  settings, tokenizer = loaded.config.eval, Tokenizer()
+  settings, tokenizer = loaded.config.eval, loaded.tokenizer
   problems = arithmetic.eval_problems(settings.trials * PROBLEMS_PER_TRIAL, settings.seed)
   prompts = [arithmetic.arithmetic_prompt(problem, tokenizer) for problem in problems]
   # A wrong chain has the right one's form, so about its length; the slack covers bigger

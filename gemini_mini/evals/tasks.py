@@ -50,7 +50,6 @@ from gemini_mini.data import tasks as tasks_lib
 from gemini_mini.data.examples import as_str
 from gemini_mini.evals import common
 from gemini_mini.infer.load import Loaded
-from gemini_mini.modalities import text as text_lib
 
 SUITE = 'tasks'
 ANSWER_SLACK = 8         # generated tokens allowed beyond the longest reference answer
@@ -238,7 +237,10 @@ def plot(figures: dict, path: pathlib.Path, *, step: int) -> None:
 def run(loaded: Loaded, out_dir) -> dict:
   """Generates and scores the three tasks, writes the JSON and the plot; returns the figures
   (see the module docstring)."""
-  tokenizer = text_lib.Tokenizer()
+  skipped = common.skip_for_text_only(loaded, 'images and speech')
+  if skipped:
+    return skipped
+  tokenizer = loaded.tokenizer
   caption, caption_items, caption_tokens = _captions(loaded, tokenizer)
   spoken, speech_items, speech_tokens = _speech(loaded, tokenizer)
   keyword, keyword_items, keyword_tokens = _keywords(loaded, tokenizer)

@@ -69,7 +69,8 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
       raise ValueError(f'example item {index} is a {type(segment).__name__}, not a Segment; '
                        'wrap it with Segment.text/image/audio')
     if segment.kind == 'text':
-      stray = np.isin(segment.data, [tokenizer.image_id, tokenizer.audio_id])
+      stray = np.isin(segment.data, [i for i in (tokenizer.image_id, tokenizer.audio_id)
+                                     if i is not None])
       if stray.any():
         raise ValueError(f'text segment {index} holds an <image>/<audio> placeholder id; pass '
                          'images and audio as Segment.image / Segment.audio instead')
@@ -78,6 +79,9 @@ def flatten(segments: Sequence[Segment], tokenizer) -> FlatExample:
       scored.append(np.full(len(segment.data), segment.loss))
       continue
     token_id, kind, begin, end = placeholder[segment.kind]
+    if token_id is None:
+      raise ValueError(f'segment {index} is {segment.kind}, which this tokenizer (another '
+                       'model\'s, text alone) has no placeholder for; pass text segments')
     count = len(segment.data)
     tokens.append(np.array([begin] + [token_id] * count + [end], np.int32))
     modality.append(np.array([Modality.TEXT] + [kind] * count + [Modality.TEXT], np.int8))

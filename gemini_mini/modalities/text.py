@@ -42,8 +42,14 @@ class TokenizerError(ValueError):
 class Tokenizer:
   """SentencePiece text <-> ids, with named ids for every special token.
 
+  Another model's SentencePiece model (an imported checkpoint's ``tokenizer.model``) loads
+  too, for text alone: ``multimodal`` is False, the control ids are that model's own (None
+  where it has none) and the placeholder, bracket and turn ids are None.
+
   Attributes:
     vocab_size: number of ids (8192 for the shipped model); every id is in [0, vocab_size).
+    multimodal: True for gemini_mini's tokenizer (every special token below), False for
+      another model's.
     pad_id, bos_id, eos_id, unk_id: control ids (pad is 0).
     image_id, audio_id: the placeholders at image-patch and audio-frame positions.
     begin_image_id, end_image_id, begin_audio_id, end_audio_id, begin_video_id,
@@ -62,19 +68,32 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_file=str(path))
     self.vocab_size = self._sp.get_piece_size()
     ids = {piece: self._sp.piece_to_id(piece) for piece in SPECIAL_TOKENS}
-    broken = [piece for piece, id_ in ids.items() if self._sp.id_to_piece(id_) != piece or not (
-        self._sp.is_unknown(id_) if piece == '<unk>' else self._sp.is_control(id_))]
-    if broken:
-      raise TokenizerError(f'{path} lacks the special tokens {broken[:4]}...; retrain it with '
-                           '`python -m gemini_mini.data.train_tokenizer`')
-    self.special_ids = ids
-    self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[p] for p in CONTROL_TOKENS)
+    own = [piece for piece in SPECIAL_TOKENS[len(CONTROL_TOKENS):]
+           if self._sp.id_to_piece(ids[piece]) == piece]
+    self.multimodal = bool(own)
+    if not own:
+      # Another model's tokenizer (an imported checkpoint's): text alone, with its own
+      # control ids; no placeholder, time stamp or turn token.
+      self.special_ids = {}
+      self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
+          id_ if id_ >= 0 else None for id_ in (self._sp.pad_id(), self._sp.bos_id(),
+                                                self._sp.eos_id(), self._sp.unk_id()))
+      ids = dict.fromkeys(MODALITY_TOKENS + TURN_TOKENS)
+    else:
+      broken = [piece for piece, id_ in ids.items() if self._sp.id_to_piece(id_) != piece or not (
+          self._sp.is_unknown(id_) if piece == '<unk>' else self._sp.is_control(id_))]
+      if broken:
+        raise TokenizerError(f'{path} lacks the special tokens {broken[:4]}...; retrain it '
+                             'with `python -m gemini_mini.data.train_tokenizer`')
+      self.special_ids = ids
+      self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[p] for p in CONTROL_TOKENS)
     (self.image_id, self.audio_id, self.begin_image_id, self.end_image_id,
      self.begin_audio_id, self.end_audio_id, self.begin_video_id,
      self.end_video_id) = (ids[p] for p in MODALITY_TOKENS)
     self.user_id, self.model_id, self.end_of_turn_id = (ids[p] for p in TURN_TOKENS)
     self._special_pattern = re.compile(
-        '(' + '|'.join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ')')
+        '(' + '|'.join(re.escape(p) for p in sorted(self.special_ids, key=len, reverse=True))
+        + ')') if self.special_ids else None
 
   @functools.cached_property
   def ordinary_ids(self) -> np.ndarray:
@@ -85,6 +104,9 @@ class Tokenizer:
 
   def time_stamp_id(self, second: int) -> int:
     """The id of ``<t={second}s>``, for 0 <= second <= MAX_TIME_STAMP."""
+    if not self.multimodal:
+      raise TokenizerError('this tokenizer (another model\'s) has no time stamps; video '
+                           'needs gemini_mini\'s own tokenizer')
     if not 0 <= second <= MAX_TIME_STAMP:
       raise TokenizerError(f'time stamp {second}s is outside [0, {MAX_TIME_STAMP}]; '
                            f'cut videos to at most {MAX_TIME_STAMP + 1} frames at 1 fps')
@@ -99,7 +121,7 @@ class Tokenizer:
         ``'<t=3s>'``) becomes that token's single id; if False (the default) such text is
         encoded as ordinary pieces and the result holds no special id.
     """
-    if not allow_special:
+    if not allow_special or self._special_pattern is None:
       return np.asarray(self._sp.encode(text), np.int32)
     parts = self._special_pattern.split(text)  # odd indices hold the special tokens
     ids = [[self.special_ids[part]] if i % 2 else self._sp.encode(part)
@@ -107,5 +129,7 @@ class Tokenizer:
     return np.asarray([id_ for run in ids for id_ in run], np.int32)
 
   def decode(self, ids) -> str:
-    """Ids -> text; special ids (pad, bos, eos, placeholders, time stamps) are dropped."""
-    return self._sp.decode([int(id_) for id_ in np.asarray(ids).reshape(-1)])
+    """Ids -> text; special ids (pad, bos, eos, placeholders, time stamps) are dropped, and
+    so are ids past the tokenizer's pieces (a model's vocabulary padded beyond them)."""
+    return self._sp.decode([int(id_) for id_ in np.asarray(ids).reshape(-1)
+                            if id_ < self.vocab_size])

@@ -22,7 +22,9 @@ from gemini_mini import Batch
 from gemini_mini.convert import __main__ as cli
 from gemini_mini.convert import from_hf, mixtral, to_hf
 from gemini_mini.convert.hf_files import HFFormatError
+from gemini_mini.evals import haystack
 from gemini_mini.infer.load import load
+from gemini_mini.modalities.text import TokenizerError
 
 FIXTURES = pathlib.Path(__file__).parent.parent / 'fixtures'
 NAMES = ('mixtral_tiny', 'mixtral_top1_tied')
@@ -246,3 +248,35 @@ def test_a_mesh_import_reads_each_shard_its_own_experts():
   assert one['params'].keys() == sharded['params'].keys()
   for key, values in one['params'].items():
     np.testing.assert_array_equal(sharded['params'][key], values, err_msg=key)
+
+
+def test_an_import_reads_text_with_its_own_tokenizer(tmp_path, small_data_dir):
+  # A tokenizer.model beside the weights becomes the run's: the haystack suite builds its
+  # text prompts with it and skips the modalities it has no placeholders for; the quantized
+  # directory keeps it.
+  from helpers import plain_tokenizer  # pylint: disable=import-outside-toplevel
+  source = tmp_path / 'hf'
+  shutil.copytree(FIXTURES / 'mixtral_tiny', source)
+  plain_tokenizer(source / 'tokenizer.model')
+  from_hf.convert(source, tmp_path / 'run', [f'data.dir={small_data_dir}', 'data.subset=small'])
+  run = load(tmp_path / 'run', ['eval.context_lengths=[96]', 'eval.trials=1'])
+  assert run.tokenizer_path == str(tmp_path / 'run' / 'tokenizer.model')
+  assert not run.tokenizer.multimodal and run.tokenizer.vocab_size == 200
+  figures = haystack.run(run, tmp_path / 'eval')
+  assert set(figures) == {'text', 'video', 'audio'}
+  assert 'skipped' in figures['video'] and 'skipped' in figures['audio']
+  assert 0 <= figures['text']['recall'] <= 1
+  record = json.loads((tmp_path / 'eval' / 'haystack.json').read_text())
+  prompt_ids = run.tokenizer.encode('The special magic number for')
+  assert len(prompt_ids) < 10  # the plain tokenizer's pieces, not gemini_mini's
+  assert all(item['modality'] == 'text' for item in record['items'])
+  from gemini_mini import quantize  # pylint: disable=import-outside-toplevel
+  assert quantize.main(['--checkpoint', str(tmp_path / 'run'), '--bits', '8', '--group', '16',
+                        '--method', 'rtn', '--out', str(tmp_path / 'int8')]) == 0
+  assert load(tmp_path / 'int8').tokenizer_path == str(tmp_path / 'int8' / 'tokenizer.model')
+
+
+def test_an_import_without_its_tokenizer_is_refused_when_text_is_read(imported):
+  # gemini_mini's own 8192 ids do not fit a 256-row vocabulary.
+  with pytest.raises(TokenizerError, match="put the checkpoint's tokenizer.model in its run"):
+    load(imported['mixtral_tiny']).tokenizer

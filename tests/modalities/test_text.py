@@ -77,3 +77,19 @@ def test_errors_name_the_fix(tmp_path):
     TOKENIZER.time_stamp_id(256)
   with pytest.raises(text_lib.TokenizerError, match='gemini_mini.data.train_tokenizer'):
     text_lib.Tokenizer(tmp_path / 'missing.model')
+
+
+def test_another_models_tokenizer_reads_text_alone(tmp_path):
+  # An imported checkpoint's tokenizer: its own control ids, none of gemini_mini's specials.
+  from helpers import plain_tokenizer  # pylint: disable=import-outside-toplevel
+  plain = text_lib.Tokenizer(plain_tokenizer(tmp_path / 'plain.model'))
+  assert not plain.multimodal and TOKENIZER.multimodal
+  assert (plain.unk_id, plain.bos_id, plain.eos_id, plain.pad_id) == (0, 1, 2, None)
+  assert plain.image_id is plain.audio_id is plain.user_id is None and plain.special_ids == {}
+  text = 'the magic number for night is 4821.'
+  assert plain.decode(plain.encode(text)) == text
+  # '<image>' is plain text there, with or without allow_special.
+  np.testing.assert_array_equal(plain.encode('<image>', allow_special=True),
+                                plain.encode('<image>'))
+  with pytest.raises(text_lib.TokenizerError, match="has no time stamps"):
+    plain.time_stamp_id(3)
