@@ -17,6 +17,7 @@ from flax import nnx
 from gemini_mini import checkpoint
 from gemini_mini import config as config_lib
 from gemini_mini.checkpoint import CheckpointError
+from gemini_mini.infer.load import TOKENIZER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,11 @@ def _checkpoints(run_dir: str, key: str) -> pathlib.Path:
   if not directory.is_dir():
     raise CheckpointError(f'{key}: {run_dir} holds no checkpoints/; pass the train.run_dir of '
                           'a finished run')
+  if (pathlib.Path(run_dir) / TOKENIZER).is_file():
+    raise CheckpointError(f'{key}: {run_dir} reads text with its own {TOKENIZER} (an imported '
+                          'checkpoint\'s), and the training data is tokenized with '
+                          'gemini_mini\'s: training it is not supported yet; evaluate or '
+                          'quantize it instead')
   return directory
 
 

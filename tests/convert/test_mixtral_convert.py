@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gemini_mini import Batch
+from gemini_mini.checkpoint import CheckpointError
 from gemini_mini.convert import __main__ as cli
 from gemini_mini.convert import from_hf, mixtral, to_hf
 from gemini_mini.convert.hf_files import HFFormatError
@@ -274,6 +275,10 @@ def test_an_import_reads_text_with_its_own_tokenizer(tmp_path, small_data_dir):
   assert quantize.main(['--checkpoint', str(tmp_path / 'run'), '--bits', '8', '--group', '16',
                         '--method', 'rtn', '--out', str(tmp_path / 'int8')]) == 0
   assert load(tmp_path / 'int8').tokenizer_path == str(tmp_path / 'int8' / 'tokenizer.model')
+  # Training data is tokenized with gemini_mini's tokenizer: no stage starts from it yet.
+  from gemini_mini.train import runs  # pylint: disable=import-outside-toplevel
+  with pytest.raises(CheckpointError, match='reads text with its own tokenizer.model'):
+    runs.load_frozen(str(tmp_path / 'run'), None, key='train.teacher')
 
 
 def test_an_import_without_its_tokenizer_is_refused_when_text_is_read(imported):
