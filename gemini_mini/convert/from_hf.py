@@ -83,22 +83,19 @@ def _params(view: mixtral.HubView, model: config_lib.ModelConfig, mesh) -> nnx.S
                                         lambda index: tensor.assemble(fetch, index))
 
   rest = [path for path in flat if path not in mapped]  # the encoders
-  fresh = _fresh(model, mesh, rest)
+  fresh = _fresh(model, {path: flat[path].sharding for path in rest})
   for path, variable in flat.items():
     flat[path] = variable.replace(fresh[path] if path in fresh else build(path, variable))
   return nnx.from_flat_state(flat)
 
 
-def _fresh(model: config_lib.ModelConfig, mesh, paths: list[tuple]) -> dict:
-  """``paths``' parameters as ``Decoder(model, rngs=nnx.Rngs(0))`` initialises them, computed
-  alone: the jitted initialiser returns just these, so the rest is never materialised."""
-  _, abstract = checkpoint.abstract_params(model, mesh)
-  flat_abstract = dict(nnx.to_flat_state(abstract))
-  shardings = [flat_abstract[path].sharding for path in paths]
-
+def _fresh(model: config_lib.ModelConfig, shardings: dict) -> dict:
+  """The parameters at ``shardings``' paths as ``Decoder(model, rngs=nnx.Rngs(0))``
+  initialises them, placed by those shardings and computed alone: the jitted initialiser
+  returns just these, so the rest is never materialised."""
   @jax.jit
   def init():
     flat = dict(nnx.to_flat_state(nnx.state(Decoder(model, rngs=nnx.Rngs(0)))))
-    return [jax.lax.with_sharding_constraint(flat[path][...], sharding)
-            for path, sharding in zip(paths, shardings)]
-  return dict(zip(paths, init()))
+    return {path: jax.lax.with_sharding_constraint(flat[path][...], sharding)
+            for path, sharding in shardings.items()}
+  return init()
