@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+GLOO_TIMEOUT = 'Gloo context initialization failed: DEADLINE_EXCEEDED'
 
 
 def free_port() -> int:
@@ -34,19 +35,33 @@ def test_two_processes_match_one_process_on_the_same_global_mesh(small_data_dir,
   single = subprocess.run([*common, f'train.run_dir={tmp_path / "one"}'], cwd=ROOT, env=env(4),
                           capture_output=True, text=True)
   assert single.returncode == 0, single.stderr
-  port = free_port()
-  processes = [subprocess.Popen(
-      [*common, f'train.run_dir={tmp_path / "two"}', 'mesh.num_processes=2',
-       f'mesh.process_id={i}', f'mesh.coordinator_address=127.0.0.1:{port}'],
-      cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr
-  one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
+
+  def two_processes(run_dir):
+    port = free_port()
+    processes = [subprocess.Popen(
+        [*common, f'train.run_dir={run_dir}', 'mesh.num_processes=2',
+         f'mesh.process_id={i}', f'mesh.coordinator_address=127.0.0.1:{port}'],
+        cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    return [(p.returncode, stderr) for p, (_, stderr) in zip(processes, outputs)]
+
+  # jaxlib gives up on a gloo context when the other process has not joined within 30 s (not
+  # configurable): each process compiles the step first, and on a loaded machine one may
+  # finish that much later. Such a run is retried once; it compiled into the shared
+  # persistent cache, so the retry's processes reach the step together. Any other failure
+  # fails the test.
+  run_two = tmp_path / 'two'
+  results = two_processes(run_two)
+  if any(code != 0 and GLOO_TIMEOUT in stderr for code, stderr in results):
+    run_two = tmp_path / 'two_again'
+    results = two_processes(run_two)
+  for code, stderr in results:
+    assert code == 0, stderr
+  one, two = losses(tmp_path / 'one'), losses(run_two)
   assert sorted(one) == sorted(two) == [1, 2, 3, 4]
   for step in one:
     np.testing.assert_allclose(np.array(two[step], float), np.array(one[step], float), rtol=1e-5)
   # Every process saved its part of the checkpoints, which the data state covers in full.
-  data_state = json.loads((tmp_path / 'two/checkpoints/4/data/metadata').read_text())
+  data_state = json.loads((run_two / 'checkpoints/4/data/metadata').read_text())
   assert sorted(row for row, *_ in data_state['rows']) == list(range(8))
