@@ -21,7 +21,8 @@ from gemini_mini import checkpoint
 from gemini_mini import config as config_lib
 from gemini_mini import parallel
 from gemini_mini.convert import mixtral
-from gemini_mini.convert.hf_files import TOKENIZER, HFCheckpoint, HFFormatError
+from gemini_mini.convert.hf_files import HFCheckpoint, HFFormatError
+from gemini_mini.infer.load import TOKENIZER
 from gemini_mini.model import Decoder
 from gemini_mini.train.checkpoint import Checkpointer
 

@@ -21,7 +21,6 @@ from safetensors.numpy import save_file
 
 CONFIG = 'config.json'
 INDEX = 'model.safetensors.index.json'
-TOKENIZER = 'tokenizer.model'
 
 
 class HFFormatError(ValueError):

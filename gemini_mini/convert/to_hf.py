@@ -14,8 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gemini_mini.convert import hf_files, mixtral
-from gemini_mini.convert.hf_files import TOKENIZER
-from gemini_mini.infer.load import load
+from gemini_mini.infer.load import TOKENIZER, load
 from gemini_mini.model import group_size
 from gemini_mini.quant import checkpoint as quant_checkpoint
 
