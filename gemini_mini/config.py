@@ -175,6 +175,9 @@ class TrainConfig:
   teacher: str = ''              # distill: the frozen teacher's train.run_dir
   distill_alpha: float = 0.5     # distill: the KL's share of the loss, the rest cross-entropy
   distill_temperature: float = 1.0  # distill: both models' logits are divided by it
+  # distill: the student's first parameters, random or the teacher's cut to the student's
+  # widths (train/prune.py)
+  student_init: Literal['random', 'pruned'] = 'random'
   steps: int = 1200
   batch_size: int = 8            # global: split over processes, devices and micro-batches
   seq_len: int = 512
@@ -226,6 +229,9 @@ class TrainConfig:
              f'must be in [0, 1] (0: cross-entropy alone, 1: the KL alone), got {self.distill_alpha}')
     _require(self.distill_temperature > 0, 'train.distill_temperature',
              f'must be positive, got {self.distill_temperature}')
+    _require(self.student_init == 'random' or self.stage == 'distill', 'train.student_init',
+             f'only a train.stage=distill student is cut from its teacher, not a {self.stage} '
+             'run; drop train.student_init or set train.stage=distill')
     _require(self.stage in ('pretrain', 'sft') or self.grad_accum_steps == 1,
              'train.grad_accum_steps', f'train.stage {self.stage} takes one update per batch '
              f'of pairs or rollouts; set train.grad_accum_steps=1 and lower '

@@ -6,13 +6,11 @@
 Writes DIR (``quant/checkpoint.py``), which ``infer.load.load`` and ``eval.py --checkpoint``
 read like a run directory, and prints the quantized weights' bytes against float32's.
 GPTQ calibrates on ``--calibration-rows`` rows of the training mixture drawn with
-``train.seed + CALIBRATION_SEED_OFFSET``: the same kind of data as training, other rows.
+``train.seed + train.loop.CALIBRATION_SEED_OFFSET``: the same kind of data as training,
+other rows.
 """
 
 import argparse
-import dataclasses
-import itertools
-import math
 import pathlib
 import shutil
 import sys
@@ -23,17 +21,7 @@ from gemini_mini.checkpoint import CheckpointError
 from gemini_mini.infer.load import load
 from gemini_mini.quant import calibrate, checkpoint, model
 
-CALIBRATION_SEED_OFFSET = 1000
 INPUT_ERRORS = (config_lib.ConfigError, CheckpointError, ValueError)
-
-
-def calibration_batches(config: config_lib.Config, rows: int):
-  """Enough training-mixture batches for ``rows`` rows, from a seed training never used."""
-  from gemini_mini.train.loop import make_data  # the data pipeline, for GPTQ alone
-  seed = config.train.seed + CALIBRATION_SEED_OFFSET
-  config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
-  return list(itertools.islice(make_data(config, 'train'),
-                               math.ceil(rows / config.train.batch_size)))
 
 
 def quantize(run_dir: str, bits: int, group: int, method: str, out: str, rows: int) -> str:
@@ -45,6 +33,7 @@ def quantize(run_dir: str, bits: int, group: int, method: str, out: str, rows: i
   model.check_group(loaded.decoder, group)
   hessians = None
   if method == 'gptq':
+    from gemini_mini.train.loop import calibration_batches  # the data pipeline, for GPTQ alone
     hessians = calibrate.hessians(loaded.decoder, calibration_batches(loaded.config, rows))
   unreached = model.quantize(loaded.decoder, bits, group, hessians)
   _, saved = run_checkpoint.read_config(pathlib.Path(run_dir) / 'checkpoints')

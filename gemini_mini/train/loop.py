@@ -10,6 +10,8 @@ step, save, and exit cleanly; a non-finite loss stops the run without saving, le
 good checkpoint.
 """
 
+import dataclasses
+import itertools
 import math
 import pathlib
 import signal
@@ -18,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -28,7 +31,7 @@ from gemini_mini.data.curriculum import WarmStart
 from gemini_mini.data.mixture import Mixture
 from gemini_mini.data.prefetch import Prefetch
 from gemini_mini.train import metrics as metrics_lib
-from gemini_mini.train import runs
+from gemini_mini.train import prune, runs
 from gemini_mini.train.checkpoint import Checkpointer
 from gemini_mini.train.loss import LossWeights, finalize
 from gemini_mini.train.optimizer import learning_rate_schedule, make_optimizer
@@ -36,6 +39,7 @@ from gemini_mini.train.stage import Stage
 from gemini_mini.train.step import (
   Teacher,
   abstract_train_state,
+  init_train_state,
   jit_steps,
   make_eval_step,
   make_train_step,
@@ -97,6 +101,22 @@ def make_data(config: Config, split: str, weights: dict[str, float] | None = Non
                  seed=seed, num_patches=d.num_patches, num_audio_frames=d.num_audio_frames,
                  patch_dim=m.patch_dim, audio_dim=m.audio_dim, subset=d.subset,
                  process_index=jax.process_index(), process_count=jax.process_count())
+
+
+# Rows the pruned student's widths are scored on: the ranking of channels, heads and
+# neurons by their energy settles within a few rows.
+PRUNE_CALIBRATION_ROWS = 8
+# Calibration rows (GPTQ's, pruning's) come from the training mixture at this offset from
+# train.seed: the same kind of data as training, other rows.
+CALIBRATION_SEED_OFFSET = 1000
+
+
+def calibration_batches(config: Config, rows: int) -> list:
+  """Enough training-mixture batches for ``rows`` rows, from a seed training never uses."""
+  seed = config.train.seed + CALIBRATION_SEED_OFFSET
+  config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+  return list(itertools.islice(make_data(config, 'train'),
+                               math.ceil(rows / config.train.batch_size)))
 
 
 def make_train_data(config: Config) -> WarmStart:
@@ -167,6 +187,23 @@ class LanguageModelStage(Stage):
         make_eval_step(self.graphdef, self.weights, teacher), self.shardings, mesh,
         teacher_shardings)
     self.data = None
+
+  def init_state(self):
+    """Step 0's state; with ``train.student_init: pruned`` the student's parameters are the
+    teacher's cut to its widths (``prune.py``), scored on ``PRUNE_CALIBRATION_ROWS``."""
+    if self.config.train.student_init != 'pruned':
+      return super().init_state()
+    prune.check(self.config.model, self.teacher.config.model)
+    if jax.process_count() > 1:
+      raise ConfigError('train.student_init: pruning calibrates in one process; prune in a '
+                        'one-process run of a few steps and continue it on more (resuming), '
+                        'or set train.student_init=random')
+    teacher = self.teacher.model()
+    batches = calibration_batches(self.config, PRUNE_CALIBRATION_ROWS)
+    start_from = lambda fresh: prune.pruned_params(nnx.merge(self.graphdef, fresh), teacher,
+                                                    batches)
+    return init_train_state(self.config.model, self.optimizer, self.shardings,
+                            self.config.train.seed, start_from)
 
   def teacher_args(self) -> tuple:
     """What the jitted steps take after the batch: the teacher's parameters, if any."""
