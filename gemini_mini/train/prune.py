@@ -35,8 +35,7 @@ from gemini_mini.model import Decoder
 from gemini_mini.quant.calibrate import hessians
 from gemini_mini.quant.model import variables
 
-PRUNED = ('d_model', 'num_heads', 'd_ff')  # widths, as model fields: the axes below
-AXES = {'d_model': 'embed', 'num_heads': 'heads', 'd_ff': 'mlp'}
+PRUNED = ('d_model', 'num_heads', 'd_ff')  # the widths, cut along axes embed, heads, mlp
 # Fields a pruned student shares with its teacher: the parameter tree outside the three
 # widths, and what the parameters compute.
 SHARED = ('vocab_size', 'num_layers', 'num_kv_heads', 'head_dim', 'num_experts', 'moe_every',
