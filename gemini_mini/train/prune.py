@@ -34,13 +34,14 @@ from gemini_mini.config import ConfigError, ModelConfig
 from gemini_mini.model import Decoder
 from gemini_mini.quant.calibrate import hessians
 from gemini_mini.quant.model import variables
+from gemini_mini.train.runs import FUNCTION_FIELDS
 
 PRUNED = ('d_model', 'num_heads', 'd_ff')  # the widths, cut along axes embed, heads, mlp
 # Fields a pruned student shares with its teacher: the parameter tree outside the three
-# widths, and what the parameters compute.
+# widths, and what the parameters compute (the fields init_from also compares).
 SHARED = ('vocab_size', 'num_layers', 'num_kv_heads', 'head_dim', 'num_experts', 'moe_every',
           'shared_expert', 'tie_embeddings', 'scalar_head', 'patch_dim', 'audio_dim',
-          'activation', 'norm_eps', 'scale_tied_logits', 'scan_layers')
+          'scan_layers', *FUNCTION_FIELDS)
 
 
 def check(student: ModelConfig, teacher: ModelConfig) -> None:
